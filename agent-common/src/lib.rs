@@ -1,0 +1,172 @@
+//! Types shared by the eBPF programs and the userspace agent.
+//!
+//! Every map the programs use is named here and every key and value layout is defined here,
+//! once. Layouts are `#[repr(C)]` with fixed-width fields and explicit padding so that the
+//! kernel side and userspace agree byte for byte; each size is asserted at compile time.
+//!
+//! Byte order conventions (the same in every type below):
+//! - addresses are stored as 16 bytes in network byte order; IPv4 is stored IPv4-mapped
+//!   (`::ffff:a.b.c.d`) so one key type serves both families;
+//! - ports are stored in host byte order.
+#![no_std]
+
+/// Per-pod configuration, keyed by the pod's network namespace cookie (`u64`).
+pub const MAP_POD_CONFIG: &str = "POD_CONFIG";
+/// Original destination by socket cookie (`u64`), written at `connect()` time.
+pub const MAP_CONNECT_ORIG: &str = "CONNECT_ORIG";
+/// Original destination by the redirected socket's source ([`SockKey`]), written once the
+/// kernel has chosen the source port; this is what the proxy reads after `accept()`.
+pub const MAP_ORIG_DST: &str = "ORIG_DST";
+/// Destination ports that bypass the agent, per pod ([`PortKey`]).
+pub const MAP_EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+/// Destination CIDRs that bypass the agent, per pod (LPM trie over [`CidrKey`]).
+pub const MAP_EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
+/// Cgroup ids (`u64`) whose sockets are the agent's own and are never redirected.
+pub const MAP_AGENT_CGROUPS: &str = "AGENT_CGROUPS";
+/// Per-CPU event counters indexed by the `COUNTER_*` constants.
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Program names, as the loader looks them up in the object.
+pub const PROG_CONNECT4: &str = "connect4";
+pub const PROG_CONNECT6: &str = "connect6";
+pub const PROG_SOCK_OPS: &str = "record_orig_dst";
+
+/// The pod does not want its traffic blocked when the agent is absent.
+pub const POD_FLAG_FAIL_OPEN: u32 = 1 << 0;
+/// The agent is gone and the pod is fail-closed: refuse every TCP connect.
+pub const POD_FLAG_BLOCK: u32 = 1 << 1;
+
+pub const COUNTER_REDIRECTED: u32 = 0;
+pub const COUNTER_EXCLUDED_PORT: u32 = 1;
+pub const COUNTER_EXCLUDED_CIDR: u32 = 2;
+pub const COUNTER_LOCAL_DST: u32 = 3;
+pub const COUNTER_BLOCKED: u32 = 4;
+pub const COUNTER_AGENT_SOCKET: u32 = 5;
+pub const COUNTER_UNKNOWN_NETNS: u32 = 6;
+pub const COUNTER_ORIG_RECORDED: u32 = 7;
+pub const COUNTER_ORIG_MISSING: u32 = 8;
+pub const COUNTER_NOT_TCP: u32 = 9;
+pub const NUM_COUNTERS: u32 = 10;
+
+/// Human names of the counters, indexed like the `COUNTER_*` constants.
+pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
+    "redirected",
+    "excluded_port",
+    "excluded_cidr",
+    "local_destination",
+    "blocked",
+    "agent_socket",
+    "unknown_netns",
+    "orig_recorded",
+    "orig_missing",
+    "not_tcp",
+];
+
+/// What the kernel needs to know about an enrolled pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodConfig {
+    /// Agent-assigned pod number, used to scope every other key.
+    pub pod_id: u32,
+    /// `POD_FLAG_*` bits.
+    pub flags: u32,
+    /// The outbound listener's port on the pod's loopback (host byte order).
+    pub outbound_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The destination an application asked for before the redirect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network byte order; IPv4 is IPv4-mapped.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    pub pod_id: u32,
+}
+
+/// Identifies a redirected connection as the proxy sees it: the client's source address
+/// and port inside the pod's network namespace, scoped by pod so that two pods using the
+/// same source address and port never collide.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub pod_id: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// Network byte order; IPv4 is IPv4-mapped.
+    pub addr: [u8; 16],
+}
+
+/// An excluded destination port of one pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub pod_id: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Data of an LPM-trie key: the pod id (all 32 bits always inside the prefix) followed by
+/// the address, so one trie serves every pod. The prefix length of a key is
+/// `32 + 96 + n` for an IPv4 `/n` (IPv4-mapped) and `32 + n` for an IPv6 `/n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrKey {
+    /// The pod id in big-endian byte order: LPM tries compare bytes in order.
+    pub pod_id: [u8; 4],
+    /// Network byte order; IPv4 is IPv4-mapped.
+    pub addr: [u8; 16],
+}
+
+/// Prefix bits taken by [`CidrKey::pod_id`].
+pub const CIDR_KEY_POD_BITS: u32 = 32;
+
+impl SockKey {
+    pub const fn new(pod_id: u32, addr: [u8; 16], port: u16) -> Self {
+        Self {
+            pod_id,
+            port,
+            _pad: 0,
+            addr,
+        }
+    }
+}
+
+impl PortKey {
+    pub const fn new(pod_id: u32, port: u16) -> Self {
+        Self {
+            pod_id,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` from the four bytes of an IPv4 address in network order.
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+const _: () = assert!(core::mem::size_of::<PodConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 24);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
+const _: () = assert!(core::mem::size_of::<CidrKey>() == 20);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all impls): the types are `#[repr(C)]`, `Copy`, made only of integers and
+    // byte arrays with explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::PodConfig {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::CidrKey {}
+}

@@ -1,0 +1,44 @@
+//! Map definitions. Names and layouts come from `agent-common`; the static names here must
+//! equal the `MAP_*` constants there (the loader fails loudly if one is missing).
+
+use agent_common::{CidrKey, OrigDst, PodConfig, PortKey, SockKey, NUM_COUNTERS};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+
+/// Enough for every pod a node runs, with room to spare.
+const MAX_PODS: u32 = 1024;
+/// Connections between connect() and the proxy's accept(); LRU so a connect that never
+/// completes (refused, timed out) cannot fill the map.
+const MAX_PENDING: u32 = 65536;
+
+#[map]
+pub static POD_CONFIG: HashMap<u64, PodConfig> = HashMap::with_max_entries(MAX_PODS, 0);
+
+#[map]
+pub static CONNECT_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_PENDING, 0);
+
+#[map]
+pub static ORIG_DST: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(MAX_PENDING, 0);
+
+#[map]
+pub static EXCLUDED_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PODS * 16, 0);
+
+#[map]
+pub static EXCLUDED_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(MAX_PODS * 16, 0);
+
+#[map]
+pub static AGENT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(64, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+/// Adds one to a per-CPU counter; per-CPU so no atomics are needed.
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, and programs do not migrate CPU while running.
+        unsafe { *slot += 1 };
+    }
+}

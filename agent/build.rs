@@ -1,0 +1,32 @@
+//! Builds the `agent-ebpf` programs with aya-build and leaves the object in OUT_DIR, where
+//! `src/ebpf/loader.rs` embeds it.
+//!
+//! The kernel side needs `-Z build-std=core` for `bpfel-unknown-none`. On these machines
+//! that works only with Debian's compiler (it ships the `core` sources), which
+//! `cargo xtask setup` links into rustup as the toolchain `bpf-debian`; it is a stable
+//! compiler, so RUSTC_BOOTSTRAP=1 unlocks `-Z` for that one nested build.
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-env-changed=AGENT_EBPF_TOOLCHAIN");
+    let toolchain = std::env::var("AGENT_EBPF_TOOLCHAIN").unwrap_or_else(|_| "bpf-debian".into());
+    if std::env::var_os("RUSTC_BOOTSTRAP").is_none() {
+        // The build script is single-threaded here, and aya-build's child inherits this.
+        std::env::set_var("RUSTC_BOOTSTRAP", "1");
+    }
+    let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent-ebpf");
+    aya_build::build_ebpf(
+        [Package {
+            name: "agent-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
+        Toolchain::Custom(&toolchain),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "building the eBPF programs failed ({e:#}). Run `cargo xtask setup` as root: it \
+             installs bpf-linker and links Debian's rustc as the `{toolchain}` toolchain."
+        )
+    })
+}

@@ -1,0 +1,466 @@
+//! One validated [`Config`], built from a TOML file, command-line flags and environment
+//! variables (flags and env override the file; pods from flags are added to the file's).
+//!
+//! Everything an operator can get wrong is checked here, before anything touches the
+//! kernel, and every error names the field and the reason.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Istio's outbound capture port, so dashboards and muscle memory carry over.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/agent";
+const DEFAULT_DRAIN_MS: u64 = 5_000;
+const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Pod names become directory names under the pin root, so keep them tame.
+const MAX_POD_NAME: usize = 63;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// What stays in the kernel for a pod while no agent serves it.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Connections fail until an agent adopts the pod again (the programs stay pinned).
+    #[default]
+    Closed,
+    /// Nothing stays attached: connections go direct, unprotected.
+    Open,
+}
+
+impl FromStr for FailMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "closed" => Ok(Self::Closed),
+            "open" => Ok(Self::Open),
+            other => Err(format!("`{other}` is not a fail mode (expected `closed` or `open`)")),
+        }
+    }
+}
+
+/// The config file, as written by an operator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub outbound_port: Option<u16>,
+    pub pin_root: Option<PathBuf>,
+    pub drain_timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    #[serde(default, rename = "pod")]
+    pub pods: Vec<PodFile>,
+}
+
+/// One `[[pod]]` table of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodFile {
+    pub name: String,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    #[serde(default)]
+    pub fail_mode: FailMode,
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
+    #[serde(default)]
+    pub exclude_cidrs: Vec<String>,
+}
+
+/// A pod given on the command line: `name=N,netns=PATH,cgroup=PATH[,fail_mode=open]`.
+#[derive(Debug, Clone)]
+pub struct PodFlag(pub PodFile);
+
+impl FromStr for PodFlag {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut name, mut netns, mut cgroup, mut fail_mode) = (None, None, None, None);
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not key=value"))?;
+            match k {
+                "name" => name = Some(v.to_string()),
+                "netns" => netns = Some(PathBuf::from(v)),
+                "cgroup" => cgroup = Some(PathBuf::from(v)),
+                "fail_mode" => fail_mode = Some(v.parse()?),
+                other => {
+                    return Err(format!(
+                        "unknown key `{other}` (expected name, netns, cgroup, fail_mode)"
+                    ))
+                }
+            }
+        }
+        Ok(PodFlag(PodFile {
+            name: name.ok_or("missing name=")?,
+            netns: netns.ok_or("missing netns=")?,
+            cgroup: cgroup.ok_or("missing cgroup=")?,
+            fail_mode: fail_mode.unwrap_or_default(),
+            exclude_ports: Vec::new(),
+            exclude_cidrs: Vec::new(),
+        }))
+    }
+}
+
+/// Flags and environment variables of `agent run` that can override the file.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RunArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Port of the outbound listener on each pod's loopback.
+    #[arg(long, env = "AGENT_OUTBOUND_PORT")]
+    pub outbound_port: Option<u16>,
+    /// bpffs directory for the pins of fail-closed pods.
+    #[arg(long, env = "AGENT_PIN_ROOT")]
+    pub pin_root: Option<PathBuf>,
+    /// How long to wait for open connections on SIGTERM before cutting them.
+    #[arg(long, env = "AGENT_DRAIN_TIMEOUT_MS")]
+    pub drain_timeout_ms: Option<u64>,
+    #[arg(long, value_enum, env = "AGENT_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// tracing filter, e.g. `info` or `agent=debug`.
+    #[arg(long, env = "AGENT_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Enroll a pod: `name=N,netns=PATH,cgroup=PATH[,fail_mode=closed|open]` (repeatable).
+    #[arg(long = "pod")]
+    pub pods: Vec<PodFlag>,
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub outbound_port: u16,
+    pub pin_root: PathBuf,
+    #[serde(with = "millis")]
+    pub drain_timeout: Duration,
+    #[serde(with = "millis")]
+    pub connect_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub pods: Vec<PodConfig>,
+}
+
+/// A validated pod.
+#[derive(Debug, Clone, Serialize)]
+pub struct PodConfig {
+    pub name: PodName,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub fail_mode: FailMode,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<IpNet>,
+}
+
+/// A pod name that is safe to use as a path component.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct PodName(String);
+
+impl PodName {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_POD_NAME
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && !s.starts_with('.');
+        if ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(format!(
+                "`{s}` is not a valid pod name (1-{MAX_POD_NAME} characters of [A-Za-z0-9._-], \
+                 not starting with a dot)"
+            ))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PodName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        // toml's message carries the line, column and the offending field.
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+}
+
+impl Config {
+    /// Reads the file named by the flags (if any), applies the flags and validates.
+    pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Self::build(file, args)
+    }
+
+    pub fn build(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigError> {
+        let outbound_port = args
+            .outbound_port
+            .or(file.outbound_port)
+            .unwrap_or(DEFAULT_OUTBOUND_PORT);
+        if outbound_port == 0 {
+            return Err(invalid("outbound_port", "must be between 1 and 65535"));
+        }
+        let pin_root = args
+            .pin_root
+            .clone()
+            .or(file.pin_root)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT));
+        if !pin_root.is_absolute() {
+            return Err(invalid("pin_root", "must be an absolute path on bpffs"));
+        }
+        let drain_ms = args
+            .drain_timeout_ms
+            .or(file.drain_timeout_ms)
+            .unwrap_or(DEFAULT_DRAIN_MS);
+        let connect_ms = file
+            .connect_timeout_ms
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS);
+        if connect_ms == 0 {
+            return Err(invalid("connect_timeout_ms", "must be greater than 0"));
+        }
+        let log_level = args
+            .log_level
+            .clone()
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".to_string());
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| invalid("log_level", format!("`{log_level}` is not a filter: {e}")))?;
+
+        let mut pods = Vec::new();
+        let all = file
+            .pods
+            .into_iter()
+            .map(|p| ("pod", p))
+            .chain(args.pods.iter().map(|p| ("--pod", p.0.clone())));
+        let (mut names, mut netns_seen, mut cgroups_seen) =
+            (HashSet::new(), HashSet::new(), HashSet::new());
+        for (i, (origin, pod)) in all.enumerate() {
+            let field = if origin == "pod" {
+                format!("pod[{i}]")
+            } else {
+                format!("--pod `{}`", pod.name)
+            };
+            let p = validate_pod(&field, pod)?;
+            if !names.insert(p.name.clone()) {
+                return Err(invalid(format!("{field}.name"), format!("pod `{}` is enrolled twice", p.name)));
+            }
+            if !netns_seen.insert(p.netns.clone()) {
+                return Err(invalid(format!("{field}.netns"), format!("{} is already used by another pod", p.netns.display())));
+            }
+            if !cgroups_seen.insert(p.cgroup.clone()) {
+                return Err(invalid(format!("{field}.cgroup"), format!("{} is already used by another pod", p.cgroup.display())));
+            }
+            pods.push(p);
+        }
+        if pods.is_empty() {
+            return Err(invalid(
+                "pod",
+                "no pod to enroll: add a [[pod]] table to the config file or pass --pod",
+            ));
+        }
+        Ok(Config {
+            outbound_port,
+            pin_root,
+            drain_timeout: Duration::from_millis(drain_ms),
+            connect_timeout: Duration::from_millis(connect_ms),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            log_level,
+            pods,
+        })
+    }
+}
+
+fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
+    let name = PodName::parse(&pod.name).map_err(|r| invalid(format!("{field}.name"), r))?;
+    check_netns(&pod.netns).map_err(|r| invalid(format!("{field}.netns"), r))?;
+    check_cgroup(&pod.cgroup).map_err(|r| invalid(format!("{field}.cgroup"), r))?;
+    for (j, port) in pod.exclude_ports.iter().enumerate() {
+        if *port == 0 {
+            return Err(invalid(format!("{field}.exclude_ports[{j}]"), "port 0 is not a port"));
+        }
+    }
+    let mut cidrs = Vec::new();
+    for (j, text) in pod.exclude_cidrs.iter().enumerate() {
+        cidrs.push(parse_cidr(text).map_err(|r| invalid(format!("{field}.exclude_cidrs[{j}]"), r))?);
+    }
+    Ok(PodConfig {
+        name,
+        netns: pod.netns,
+        cgroup: pod.cgroup,
+        fail_mode: pod.fail_mode,
+        exclude_ports: pod.exclude_ports,
+        exclude_cidrs: cidrs,
+    })
+}
+
+/// Accepts `a.b.c.d/n`, `x::y/n` and a bare address (a host route).
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = IpNet::from_str(text) {
+        if net.trunc() != net {
+            return Err(format!(
+                "`{text}` has host bits set; did you mean `{}`?",
+                net.trunc()
+            ));
+        }
+        return Ok(net);
+    }
+    if let Ok(ip) = IpAddr::from_str(text) {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!("`{text}` is not a CIDR (expected e.g. 10.0.0.0/8 or fd00::/8)"))
+}
+
+fn check_netns(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("{} cannot be opened: {e}", path.display()))?;
+    // A network namespace handle is a file on nsfs (bind-mounted or /proc/PID/ns/net).
+    let st = nix::sys::statfs::statfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if st.filesystem_type() != nix::sys::statfs::NSFS_MAGIC || meta.is_dir() {
+        return Err(format!(
+            "{} is not a network namespace (expected e.g. /var/run/netns/NAME or /proc/PID/ns/net)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn check_cgroup(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("{} cannot be opened: {e}", path.display()))?;
+    let st = nix::sys::statfs::statfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_dir() || st.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Err(format!(
+            "{} is not a cgroup v2 directory (the cgroup2 mount is listed in /proc/self/mountinfo)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_line() {
+        let err = parse("outbound_port = 1\nbogus = 2\n").unwrap_err().to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn unknown_pod_field_is_rejected() {
+        let err = parse("[[pod]]\nname='a'\nnetns='/x'\ncgroup='/y'\nexclude='z'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exclude"), "{err}");
+    }
+
+    #[test]
+    fn cidrs() {
+        assert!(parse_cidr("10.0.0.0/8").is_ok());
+        assert!(parse_cidr("fd00::/8").is_ok());
+        assert!(parse_cidr("10.1.2.3").is_ok());
+        assert!(parse_cidr("10.0.0.0/33").unwrap_err().contains("not a CIDR"));
+        assert!(parse_cidr("10.0.0.1/8").unwrap_err().contains("host bits"));
+    }
+
+    #[test]
+    fn pod_flag() {
+        let p: PodFlag = "name=a,netns=/n,cgroup=/c,fail_mode=open".parse().unwrap();
+        assert_eq!(p.0.fail_mode, FailMode::Open);
+        assert!("name=a,netns=/n".parse::<PodFlag>().unwrap_err().contains("cgroup"));
+        assert!("name=a,x=1".parse::<PodFlag>().unwrap_err().contains("unknown key"));
+    }
+
+    #[test]
+    fn pod_names() {
+        assert!(PodName::parse("pod-a.ns_1").is_ok());
+        assert!(PodName::parse("../etc").is_err());
+        assert!(PodName::parse("").is_err());
+    }
+
+    #[test]
+    fn missing_netns_is_named() {
+        let file = parse("[[pod]]\nname='a'\nnetns='/nonexistent/ns'\ncgroup='/tmp'\n").unwrap();
+        let err = Config::build(file, &RunArgs::default()).unwrap_err().to_string();
+        assert!(err.starts_with("pod[0].netns:"), "{err}");
+        assert!(err.contains("/nonexistent/ns"), "{err}");
+    }
+
+    #[test]
+    fn no_pods_is_an_error() {
+        let err = Config::build(FileConfig::default(), &RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no pod to enroll"), "{err}");
+    }
+}

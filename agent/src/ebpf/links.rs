@@ -1,0 +1,220 @@
+//! Attaching the programs to a pod's cgroup, and what stays in the kernel afterwards.
+//!
+//! Links are owned by [`PodLinks`]. A BPF link that is not pinned detaches when its last
+//! file descriptor closes, so for a fail-open pod dropping `PodLinks` is the whole
+//! clean-up. A fail-closed pod must keep blocking even after the agent is SIGKILLed, so its
+//! connect links are pinned under `<pin_root>/<pod>/` from the moment they are attached;
+//! they (and the maps their programs hold) outlive the agent until an agent adopts the pod
+//! again or `agent uninstall` removes the pins.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{PROG_CONNECT4, PROG_CONNECT6};
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    CgroupAttachMode,
+};
+use tracing::{info, warn};
+
+use super::{io_err, EbpfError, Kernel};
+use crate::config::PodName;
+
+/// With BPF links (kernel >= 5.7, which aya uses) the kernel always attaches in
+/// multi-program mode and rejects explicit flags, so `Single` here means "no flags": our
+/// programs run alongside other tools' (e.g. Cilium's) and alongside a previous agent's.
+const ATTACH: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// The magic number of bpffs in statfs(2).
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+enum Held {
+    /// Detaches when dropped (its fd is the link's last reference).
+    Owned { _link: FdLink },
+    /// Stays attached while the pin exists.
+    Pinned(PinnedLink),
+}
+
+/// The links of one pod's cgroup.
+pub struct PodLinks {
+    dir: PathBuf,
+    connect: Vec<Held>,
+    sock_ops: Option<FdLink>,
+}
+
+impl PodLinks {
+    /// Attaches connect4, connect6 and sock_ops to `cgroup`. With `pin`, the connect links
+    /// are pinned under `pin_root/pod`. Links a previous agent left pinned for this pod are
+    /// replaced without a gap: the old ones stay attached until the new ones are.
+    /// Returns the links and how many old links were replaced.
+    pub fn attach(
+        kernel: &mut Kernel,
+        pod: &PodName,
+        cgroup: &Path,
+        pin_root: &Path,
+        pin: bool,
+    ) -> Result<(Self, usize), EbpfError> {
+        let dir = pin_root.join(pod.as_str());
+        let old = take_pins(&dir)?;
+        let cgroup_fd = File::open(cgroup).map_err(io_err(cgroup))?;
+        if pin {
+            ensure_bpffs(pin_root)?;
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        let mut connect = Vec::new();
+        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+            let prog = kernel.connect_program(name)?;
+            let id = prog
+                .attach(&cgroup_fd, ATTACH)
+                .map_err(|source| EbpfError::Program { name, source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| EbpfError::Program { name, source })?;
+            let link = FdLink::try_from(link)?;
+            connect.push(if pin {
+                let path = dir.join(name);
+                Held::Pinned(
+                    link.pin(&path)
+                        .map_err(|source| EbpfError::Pin { path, source })?,
+                )
+            } else {
+                Held::Owned { _link: link }
+            });
+        }
+        let prog = kernel.sock_ops_program()?;
+        let id = prog
+            .attach(&cgroup_fd, ATTACH)
+            .map_err(|source| EbpfError::Program {
+                name: agent_common::PROG_SOCK_OPS,
+                source,
+            })?;
+        let link = prog.take_link(id).map_err(|source| EbpfError::Program {
+            name: agent_common::PROG_SOCK_OPS,
+            source,
+        })?;
+        let sock_ops = Some(FdLink::try_from(link)?);
+        let replaced = old.len();
+        // Only now do the previous agent's links go: the new ones already mediate.
+        drop(old);
+        if !pin {
+            remove_dir_if_empty(&dir);
+        }
+        Ok((
+            Self {
+                dir,
+                connect,
+                sock_ops,
+            },
+            replaced,
+        ))
+    }
+
+    /// Detaches everything, pinned or not.
+    pub fn detach(mut self) {
+        self.sock_ops.take();
+        for held in self.connect.drain(..) {
+            if let Held::Pinned(p) = held {
+                if let Err(e) = p.unpin() {
+                    warn!(dir = %self.dir.display(), error = %e, "cannot remove a pin");
+                }
+            }
+        }
+        remove_dir_if_empty(&self.dir);
+    }
+
+    /// Leaves the pinned links in the kernel (the pod stays blocked) and detaches the rest.
+    pub fn leave_pinned(mut self) {
+        self.sock_ops.take();
+        let pinned = self
+            .connect
+            .drain(..)
+            .filter(|h| matches!(h, Held::Pinned(_)))
+            .count();
+        info!(dir = %self.dir.display(), pinned, "left pinned links in place");
+    }
+}
+
+/// Unpins every link pinned under `dir`, keeping them attached as owned links.
+fn take_pins(dir: &Path) -> Result<Vec<FdLink>, EbpfError> {
+    let mut links = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(links),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(io_err(dir))?.path();
+        let pinned = PinnedLink::from_pin(&path)?;
+        links.push(pinned.unpin().map_err(io_err(&path))?);
+    }
+    Ok(links)
+}
+
+fn remove_dir_if_empty(dir: &Path) {
+    // Fails harmlessly when the directory is absent or still holds pins.
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Removes every pin under `pin_root` (or only `pod`'s), detaching the links. Returns the
+/// pods whose pins were removed. Idempotent.
+pub fn uninstall(pin_root: &Path, pod: Option<&str>) -> Result<Vec<String>, EbpfError> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(pin_root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io_err(pin_root)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(pin_root))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if pod.is_some_and(|p| p != name) {
+            continue;
+        }
+        let links = take_pins(&entry.path())?;
+        drop(links);
+        std::fs::remove_dir(entry.path()).map_err(io_err(entry.path()))?;
+        removed.push(name);
+    }
+    remove_dir_if_empty(pin_root);
+    Ok(removed)
+}
+
+/// Makes sure `pin_root` can hold pins: its nearest existing ancestor must be on bpffs.
+/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there yet (as bpftool does).
+fn ensure_bpffs(pin_root: &Path) -> Result<(), EbpfError> {
+    let mut probe = pin_root;
+    while !probe.exists() {
+        probe = probe
+            .parent()
+            .ok_or_else(|| EbpfError::Bpffs(format!("{} has no existing parent", pin_root.display())))?;
+    }
+    let on_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    if on_bpffs(probe) {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if pin_root.starts_with(default) && default.is_dir() {
+        nix::mount::mount(
+            Some("bpf"),
+            default,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| EbpfError::Bpffs(format!("cannot mount bpffs on /sys/fs/bpf: {e}")))?;
+        if on_bpffs(probe) || on_bpffs(default) {
+            return Ok(());
+        }
+    }
+    Err(EbpfError::Bpffs(format!(
+        "pin_root {} is not on a bpf filesystem: mount one (`mount -t bpf bpf /sys/fs/bpf`) or \
+         choose a pin_root under it",
+        pin_root.display()
+    )))
+}

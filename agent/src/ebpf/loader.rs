@@ -1,0 +1,118 @@
+//! Loads the eBPF object embedded at build time and routes its aya-log output into tracing.
+
+use agent_common::{
+    MAP_AGENT_CGROUPS, MAP_CONNECT_ORIG, MAP_COUNTERS, MAP_EXCLUDED_CIDRS, MAP_EXCLUDED_PORTS,
+    MAP_ORIG_DST, MAP_POD_CONFIG, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS,
+};
+use aya::{
+    programs::{CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+};
+use tokio::io::unix::AsyncFd;
+
+use super::{
+    maps::{Counters, OrigDstTable, PodTable},
+    EbpfError,
+};
+
+/// The object `build.rs` produced. Aligned because the ELF parser reads it in place.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// The loaded object: programs ready to attach, and typed handles to its maps. The
+/// original-destination table is handed out separately: the proxy owns it.
+pub struct Kernel {
+    ebpf: Ebpf,
+    pub pods: PodTable,
+    pub counters: Counters,
+}
+
+impl Kernel {
+    /// Loads and verifies every program. `kernel_log_level` is aya-log's level (0 = off,
+    /// 1 error .. 5 trace); it is checked in the kernel, so quiet levels cost nothing.
+    pub fn load(kernel_log_level: u8) -> Result<(Self, OrigDstTable), EbpfError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
+            .load(OBJECT)
+            .map_err(EbpfError::Load)?;
+        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| EbpfError::Program { name, source })?;
+        }
+        let prog: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
+        prog.load().map_err(|source| EbpfError::Program {
+            name: PROG_SOCK_OPS,
+            source,
+        })?;
+        let pods = PodTable::new(
+            take_map(&mut ebpf, MAP_POD_CONFIG)?,
+            take_map(&mut ebpf, MAP_EXCLUDED_PORTS)?,
+            take_map(&mut ebpf, MAP_EXCLUDED_CIDRS)?,
+            take_map(&mut ebpf, MAP_AGENT_CGROUPS)?,
+        )?;
+        let orig_dst = OrigDstTable::new(take_map(&mut ebpf, MAP_ORIG_DST)?)?;
+        // Read only by the kernel programs, but checked here so a renamed map fails at start.
+        let _ = ebpf.map(MAP_CONNECT_ORIG).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: MAP_CONNECT_ORIG,
+        })?;
+        let counters = Counters::new(take_map(&mut ebpf, MAP_COUNTERS)?)?;
+        Ok((
+            Self {
+                ebpf,
+                pods,
+                counters,
+            },
+            orig_dst,
+        ))
+    }
+
+    /// Forwards the programs' aya-log records to the `log` facade, which tracing picks up.
+    /// Must be called inside a tokio runtime.
+    pub fn spawn_log_forwarder(&mut self) -> Result<(), EbpfError> {
+        let logger =
+            aya_log::EbpfLogger::init(&mut self.ebpf).map_err(|e| EbpfError::Logger(e.to_string()))?;
+        // SAFETY: the logger owns its ring buffer's fd and keeps it open, unchanged, for as
+        // long as it lives, and the AsyncFd owns the logger.
+        let mut fd =
+            unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+                .map_err(|e| EbpfError::Logger(e.to_string()))?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = fd.readable_mut().await else {
+                    return;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    pub fn connect_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, EbpfError> {
+        program(&mut self.ebpf, name)
+    }
+
+    pub fn sock_ops_program(&mut self) -> Result<&mut SockOps, EbpfError> {
+        program(&mut self.ebpf, PROG_SOCK_OPS)
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing {
+        kind: "program",
+        name,
+    })?;
+    prog.try_into()
+        .map_err(|source| EbpfError::Program { name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<(&'static str, aya::maps::Map), EbpfError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    Ok((name, map))
+}

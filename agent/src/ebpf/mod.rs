@@ -1,0 +1,55 @@
+//! Everything the agent does with the kernel's BPF subsystem: loading the embedded object,
+//! typed access to its maps, and attaching programs to pod cgroups with RAII links.
+
+mod links;
+mod loader;
+mod maps;
+
+pub use links::{uninstall, PodLinks};
+pub use loader::Kernel;
+pub use maps::{addr16, OrigDstTable};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("loading the eBPF object failed: {0} (is this kernel >= 5.15 with BTF, and is the agent root?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {kind} `{name}`: the agent binary is broken, rebuild it")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("eBPF program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("BPF link: {0}")]
+    Link(#[from] aya::programs::links::LinkError),
+    #[error("cannot pin a BPF link at {path}: {source} (is {path} on bpffs?)")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Bpffs(String),
+    #[error("cannot route eBPF logs: {0}")]
+    Logger(String),
+}
+
+fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> EbpfError {
+    let path = path.into();
+    move |source| EbpfError::Io { path, source }
+}

@@ -1,0 +1,105 @@
+//! Working inside a pod's network namespace from the agent's own process.
+//!
+//! A socket belongs to the network namespace of the thread that created it, for its whole
+//! life. So the agent switches the *current thread* into the pod's namespace just long
+//! enough to create a socket, and switches back before doing anything else (the same
+//! approach as ztunnel's in-pod mode). The closure must not block or yield.
+
+use std::{
+    fs::File,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use nix::sched::{setns, CloneFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot enter network namespace {path}: {source} (the agent needs CAP_SYS_ADMIN)")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("cannot read the cookie of network namespace {path}: {source} (needs Linux >= 5.14)")]
+    Cookie {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The namespace the agent started in, to return to after each switch.
+fn home() -> &'static File {
+    static HOME: OnceLock<File> = OnceLock::new();
+    HOME.get_or_init(|| {
+        File::open("/proc/self/ns/net").expect("cannot open the agent's own network namespace")
+    })
+}
+
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        // Pin the home namespace before the first switch can happen on any thread.
+        let _ = home();
+        let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Runs `f` with the current thread inside this namespace.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+            NetnsError::Enter {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        let out = f();
+        // A thread left in a pod's namespace would silently create later sockets there:
+        // that is not recoverable, so stop the process rather than carry on.
+        if let Err(e) = setns(home().as_fd(), CloneFlags::CLONE_NEWNET) {
+            panic!("cannot return to the agent's network namespace: {e}");
+        }
+        Ok(out)
+    }
+
+    /// The kernel's cookie for this namespace: what `bpf_get_netns_cookie` returns for
+    /// sockets in it, and so the key of the pod in the kernel maps.
+    pub fn cookie(&self) -> Result<u64, NetnsError> {
+        let err = |source| NetnsError::Cookie {
+            path: self.path.clone(),
+            source,
+        };
+        let sock = self
+            .run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))?
+            .map_err(err)?;
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: valid socket fd, and cookie/len describe a u64 buffer.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        Ok(cookie)
+    }
+}

@@ -1,0 +1,235 @@
+//! `agent run`: enroll the configured pods, serve them, and on SIGTERM/SIGINT stop in an
+//! order that never leaves a pod less protected than its fail mode promises.
+
+use std::{sync::Arc, time::Duration};
+
+use agent_common::{PodConfig as KernelPod, POD_FLAG_BLOCK, POD_FLAG_FAIL_OPEN};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    cgroup,
+    config::{Config, FailMode, PodConfig},
+    ebpf::{EbpfError, Kernel, PodLinks},
+    netns::Netns,
+    proxy::{outbound, Pod, ProxyError, Shared},
+    telemetry,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// One enrolled pod and everything the agent holds for it.
+struct Enrolled {
+    spec: PodConfig,
+    pod: Arc<Pod>,
+    cookie: u64,
+    kernel_cfg: KernelPod,
+    links: PodLinks,
+}
+
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    raise_fd_limit();
+    let (mut kernel, orig_dst) = Kernel::load(telemetry::kernel_log_level(&cfg.log_level))?;
+    kernel.spawn_log_forwarder()?;
+    let (own_dir, own_id) = cgroup::own()?;
+    kernel.pods.exempt_agent_cgroup(own_id)?;
+    info!(cgroup = %own_dir.display(), cgroup_id = own_id, "agent's own sockets are exempt by cgroup");
+
+    let shared = Shared::new(orig_dst, cfg.connect_timeout);
+
+    let mut enrolled = Vec::new();
+    let mut accept_loops = Vec::new();
+    for (i, spec) in cfg.pods.iter().enumerate() {
+        match enroll(&mut kernel, &cfg, spec, i as u32 + 1, &shared) {
+            Ok((e, loops)) => {
+                enrolled.push(e);
+                accept_loops.extend(loops);
+            }
+            Err(err) => {
+                error!(pod = %spec.name, error = %err, "enrollment failed; releasing the pods enrolled so far");
+                shared.stop_accepting.cancel();
+                release(&mut kernel, enrolled);
+                return Err(err);
+            }
+        }
+    }
+    info!(pods = enrolled.len(), outbound_port = cfg.outbound_port, "agent ready");
+
+    wait_for_signal().await?;
+    info!("stopping: no new connections; draining");
+
+    // New connects first stop reaching the listeners: fail-open pods lose their programs
+    // (connects go direct), fail-closed pods are switched to blocking.
+    for e in &mut enrolled {
+        if e.spec.fail_mode == FailMode::Closed {
+            let mut blocked = e.kernel_cfg;
+            blocked.flags |= POD_FLAG_BLOCK;
+            if let Err(err) = kernel.pods.set(e.cookie, blocked) {
+                error!(pod = %e.spec.name, error = %err, "cannot switch the pod to blocking");
+            }
+        }
+    }
+    let (closed, open): (Vec<_>, Vec<_>) = enrolled
+        .into_iter()
+        .partition(|e| e.spec.fail_mode == FailMode::Closed);
+    release(&mut kernel, open);
+
+    shared.stop_accepting.cancel();
+    for l in accept_loops {
+        let _ = l.await;
+    }
+    shared.tracker.close();
+    let open_conns = shared.tracker.len();
+    if tokio::time::timeout(cfg.drain_timeout, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(open = shared.tracker.len(), deadline_ms = cfg.drain_timeout.as_millis() as u64,
+              "drain deadline passed: cutting the remaining connections");
+        shared.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait()).await;
+    } else {
+        info!(drained = open_conns, "all connections finished");
+    }
+    release(&mut kernel, closed);
+    log_counters(&kernel);
+    info!("agent stopped");
+    Ok(())
+}
+
+fn enroll(
+    kernel: &mut Kernel,
+    cfg: &Config,
+    spec: &PodConfig,
+    id: u32,
+    shared: &Arc<Shared>,
+) -> Result<(Enrolled, Vec<JoinHandle<()>>), RunError> {
+    let netns = Netns::open(&spec.netns)?;
+    let cookie = netns.cookie()?;
+    let pod = Arc::new(Pod {
+        name: spec.name.clone(),
+        id,
+        netns,
+    });
+    // Listeners exist before any connect can be redirected to them.
+    let listeners = outbound::bind(&pod, cfg.outbound_port)?;
+    let kernel_cfg = KernelPod {
+        pod_id: id,
+        flags: if spec.fail_mode == FailMode::Open {
+            POD_FLAG_FAIL_OPEN
+        } else {
+            0
+        },
+        outbound_port: cfg.outbound_port,
+        _pad: [0; 6],
+    };
+    kernel.pods.exclude(id, &spec.exclude_ports, &spec.exclude_cidrs)?;
+    kernel.pods.set(cookie, kernel_cfg)?;
+    let pin = spec.fail_mode == FailMode::Closed;
+    let (links, replaced) = PodLinks::attach(kernel, &spec.name, &spec.cgroup, &cfg.pin_root, pin)?;
+    if replaced > 0 {
+        info!(pod = %spec.name, replaced, "adopted the pod from a previous agent");
+    }
+    let cgroup_id = cgroup::id_of(&spec.cgroup)?;
+    info!(pod = %spec.name, pod_id = id, netns = %spec.netns.display(), netns_cookie = cookie,
+          cgroup = %spec.cgroup.display(), cgroup_id, fail_mode = ?spec.fail_mode,
+          exclude_ports = ?spec.exclude_ports,
+          exclude_cidrs = ?spec.exclude_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+          listeners = listeners.len(), "pod enrolled");
+    let loops = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(outbound::serve(l, pod.clone(), shared.clone())))
+        .collect();
+    Ok((
+        Enrolled {
+            spec: spec.clone(),
+            pod,
+            cookie,
+            kernel_cfg,
+            links,
+        },
+        loops,
+    ))
+}
+
+/// Fail-open pods: detach and forget. Fail-closed pods: block and leave the pins.
+fn release(kernel: &mut Kernel, pods: Vec<Enrolled>) {
+    for e in pods {
+        match e.spec.fail_mode {
+            FailMode::Open => {
+                e.links.detach();
+                kernel.pods.remove(
+                    e.cookie,
+                    e.pod.id,
+                    &e.spec.exclude_ports,
+                    &e.spec.exclude_cidrs,
+                );
+                info!(pod = %e.spec.name, "pod released (fail-open): nothing left attached");
+            }
+            FailMode::Closed => {
+                let mut blocked = e.kernel_cfg;
+                blocked.flags |= POD_FLAG_BLOCK;
+                if let Err(err) = kernel.pods.set(e.cookie, blocked) {
+                    error!(pod = %e.spec.name, error = %err, "cannot switch the pod to blocking");
+                }
+                e.links.leave_pinned();
+                info!(pod = %e.spec.name,
+                      "pod released (fail-closed): its TCP connects are refused until an agent adopts it or `agent uninstall` runs");
+            }
+        }
+    }
+}
+
+fn log_counters(kernel: &Kernel) {
+    let counters = kernel.counters.snapshot();
+    let get = |n: &str| counters.iter().find(|(k, _)| *k == n).map_or(0, |(_, v)| *v);
+    info!(
+        redirected = get("redirected"),
+        excluded_port = get("excluded_port"),
+        excluded_cidr = get("excluded_cidr"),
+        local_destination = get("local_destination"),
+        blocked = get("blocked"),
+        agent_socket = get("agent_socket"),
+        unknown_netns = get("unknown_netns"),
+        orig_recorded = get("orig_recorded"),
+        orig_missing = get("orig_missing"),
+        not_tcp = get("not_tcp"),
+        "kernel counters"
+    );
+}
+
+async fn wait_for_signal() -> Result<(), RunError> {
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => info!(signal = "SIGINT", "signal received"),
+    }
+    Ok(())
+}
+
+/// Every proxied connection costs two descriptors; the usual soft limit of 1024 would cap
+/// the agent at ~500 connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
