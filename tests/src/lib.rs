@@ -1,1 +1,20 @@
+//! A simulated Kubernetes node on this machine, for the privileged tests, the demo and the
+//! benchmarks.
+//!
+//! A [`Node`] is a Linux bridge plus a cgroup v2 directory; each [`Pod`] on it is a network
+//! namespace with a veth into the bridge, an IPv4 and an IPv6 address, and its own cgroup v2
+//! directory. Processes are placed in a pod's cgroup *and* netns ([`Pod::command`]);
+//! closures can run on a thread inside a pod's netns ([`Pod::in_netns`]). Everything is
+//! torn down by `Drop`, also when a test panics, and every name carries a per-run id, so a
+//! crashed run never breaks the next one.
 
+pub mod agent;
+pub mod app;
+mod node;
+pub mod proto;
+mod sys;
+
+pub use agent::{workspace_bin, Agent, AgentConfig};
+pub use app::{client_result, Server};
+pub use node::{command_in, Node, Pod};
+pub use sys::{attached_programs, cgroup2_root, require_root};

@@ -1,0 +1,194 @@
+//! Running the real `agent` binary against a simulated node and reading its JSON logs.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{node::Pod, Node};
+
+/// A binary of this workspace, built by `cargo xtask test` (or `cargo build`) beforehand.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_uppercase());
+    if let Ok(p) = std::env::var(&var) {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p agent -p simnode --bins`; `cargo xtask test` does) or set {var}",
+        path.display()
+    );
+    path
+}
+
+/// The agent's TOML config for a node, built up pod by pod.
+pub struct AgentConfig {
+    text: String,
+}
+
+impl AgentConfig {
+    pub fn new(node: &Node) -> Self {
+        AgentConfig {
+            text: format!(
+                "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\n",
+                node.pin_root().display()
+            ),
+        }
+    }
+
+    pub fn pod(self, pod: &Pod, fail_mode: &str) -> Self {
+        self.pod_with(pod, fail_mode, &[], &[])
+    }
+
+    pub fn pod_with(mut self, pod: &Pod, fail_mode: &str, ports: &[u16], cidrs: &[&str]) -> Self {
+        self.text.push_str(&format!(
+            "\n[[pod]]\nname = \"{}\"\nnetns = \"{}\"\ncgroup = \"{}\"\nfail_mode = \"{fail_mode}\"\nexclude_ports = {:?}\nexclude_cidrs = {:?}\n",
+            pod.name,
+            pod.netns_path.display(),
+            pod.cgroup.display(),
+            ports,
+            cidrs
+        ));
+        self
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// A running agent. Dropping it kills the process (pins are the node's to remove).
+pub struct Agent {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
+    config: PathBuf,
+}
+
+impl Agent {
+    /// Starts `agent run` on the host with `config`, JSON logs at debug level.
+    pub fn start(config: &AgentConfig) -> Agent {
+        Self::start_cmd(Command::new(workspace_bin("agent")), config)
+    }
+
+    /// Starts the agent from a prepared command (e.g. one placed in a pod's sub-cgroup).
+    pub fn start_cmd(mut cmd: Command, config: &AgentConfig) -> Agent {
+        let path = std::env::temp_dir().join(format!("simnode-agent-{}.toml", crate::sys::run_id()));
+        std::fs::write(&path, config.text()).expect("write agent config");
+        cmd.args(["run", "--config"])
+            .arg(&path)
+            .args(["--log-format", "json", "--log-level", "info,agent_ebpf=debug"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn agent");
+        let stderr = child.stderr.take().expect("agent stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let agent = Agent {
+            child: Some(child),
+            lines,
+            reader: Some(reader),
+            config: path,
+        };
+        agent.wait_for("agent ready", |e| e["message"] == "agent ready", Duration::from_secs(30));
+        agent
+    }
+
+    /// Every log line parsed as JSON (lines that are not JSON are skipped).
+    pub fn events(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The access-log records: one per proxied connection.
+    pub fn access(&self) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["target"] == "access")
+            .collect()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits for an event matching `pred`; panics with the log if it never comes.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            let exited = self
+                .child
+                .as_ref()
+                .map(|c| c.id())
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if Instant::now() > deadline || exited {
+                panic!("agent: no `{what}` within {timeout:?}; log:\n{}", self.tail(60));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn tail(&self, n: usize) -> String {
+        let lines = self.lines.lock().unwrap();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// SIGTERM, then waits for a clean exit (panics after 20 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait agent") {
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent did not stop within 20 s of SIGTERM; log:\n{}", self.tail(60));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: what a crash or an OOM kill looks like.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}

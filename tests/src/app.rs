@@ -1,0 +1,92 @@
+//! Driving `podapp` (the test application) inside pods.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::{agent::workspace_bin, node::Pod, proto::Summary};
+
+/// A `podapp serve` process; killed on drop.
+pub struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Pod {
+    /// Starts a server in this pod on each of `ports`, on both its IPv4 and IPv6 address.
+    pub fn serve(&self, ports: &[u16]) -> Server {
+        let mut cmd = self.command(workspace_bin("podapp"));
+        cmd.arg("serve");
+        for port in ports {
+            cmd.arg("--listen").arg(SocketAddr::new(self.ip(false), *port).to_string());
+            cmd.arg("--listen").arg(SocketAddr::new(self.ip(true), *port).to_string());
+        }
+        start_server(cmd)
+    }
+
+    /// Runs `podapp client` in this pod (its cgroup and netns) and returns its summary.
+    pub fn client(&self, to: SocketAddr, extra: &[&str]) -> Summary {
+        let mut cmd = self.command(workspace_bin("podapp"));
+        cmd.arg("client").arg("--to").arg(to.to_string()).args(extra);
+        run_client(cmd)
+    }
+
+    /// Starts `podapp client` in this pod without waiting for it.
+    pub fn client_spawn(&self, to: SocketAddr, extra: &[&str]) -> Child {
+        let mut cmd = self.command(workspace_bin("podapp"));
+        cmd.arg("client").arg("--to").arg(to.to_string()).args(extra);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().expect("spawn podapp client")
+    }
+}
+
+/// Waits for a spawned client and parses its summary.
+pub fn client_result(child: Child) -> Summary {
+    let out = child.wait_with_output().expect("wait podapp client");
+    parse_summary(&out.stdout, &out.stderr)
+}
+
+fn run_client(mut cmd: Command) -> Summary {
+    let out = cmd.output().expect("run podapp client");
+    parse_summary(&out.stdout, &out.stderr)
+}
+
+fn parse_summary(stdout: &[u8], stderr: &[u8]) -> Summary {
+    let text = String::from_utf8_lossy(stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "podapp client printed no summary ({e}): stdout={text:?} stderr={:?}",
+            String::from_utf8_lossy(stderr)
+        )
+    })
+}
+
+/// Starts a server command and waits until it has bound its sockets.
+pub fn start_server(mut cmd: Command) -> Server {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("spawn podapp serve");
+    let stdout = child.stdout.take().expect("server stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().and_then(Result::ok);
+        let _ = tx.send(first);
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Some(l)) if l == "listening" => Server { child },
+        other => {
+            let _ = child.kill();
+            panic!("podapp serve did not start: {other:?}");
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The node (bridge + cgroup root + bpffs pin root) and its pods (netns + veth + cgroup).
+
+use std::{
+    ffi::OsStr,
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::Command,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::sys::{cgroup2_root, run, run_id, run_quiet};
+
+/// A simulated node. Dropping it removes every pod, the bridge, the cgroups and the pins.
+pub struct Node {
+    pub id: String,
+    bridge: String,
+    subnet: u8,
+    cgroup: PathBuf,
+    pin_root: PathBuf,
+    pods: Vec<Pod>,
+}
+
+/// One pod: a network namespace wired to the node's bridge, and a cgroup.
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub netns_path: PathBuf,
+    pub cgroup: PathBuf,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+}
+
+impl Node {
+    /// Builds a node with the named pods (addresses .2, .3, ... in the order given).
+    pub fn new(pods: &[&str]) -> Node {
+        let id = run_id();
+        let subnet = free_subnet(&id);
+        let bridge = format!("snb{id}");
+        let cgroup = cgroup2_root().join(format!("simnode-{id}"));
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/simnode-{id}"));
+        // From here on, Drop cleans up whatever was created, even if a later step panics.
+        let mut node = Node {
+            id,
+            bridge,
+            subnet,
+            cgroup,
+            pin_root,
+            pods: Vec::new(),
+        };
+        ensure_bpffs();
+        std::fs::create_dir(&node.cgroup)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", node.cgroup.display()));
+        run("ip", &["link", "add", &node.bridge, "type", "bridge"]);
+        run("ip", &["addr", "add", &format!("{}/24", node.ip4()), "dev", &node.bridge]);
+        run("ip", &["addr", "add", &format!("{}/64", node.ip6()), "dev", &node.bridge, "nodad"]);
+        run("ip", &["link", "set", &node.bridge, "up"]);
+        for (i, name) in pods.iter().enumerate() {
+            node.add_pod(name, i as u8 + 2);
+        }
+        node
+    }
+
+    /// The node's own address on the bridge (where kubelet probes come from).
+    pub fn ip4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 213, self.subnet, 1)
+    }
+
+    pub fn ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x213, u16::from(self.subnet), 0, 0, 0, 0, 1)
+    }
+
+    /// A bpffs directory private to this node, for the agent's pins.
+    pub fn pin_root(&self) -> &Path {
+        &self.pin_root
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on this node"))
+    }
+
+    fn add_pod(&mut self, name: &str, host: u8) {
+        let netns = format!("sn{}-{name}", self.id);
+        let veth = format!("sv{}{host}", self.id);
+        let pod = Pod {
+            name: name.to_string(),
+            netns_path: PathBuf::from(format!("/var/run/netns/{netns}")),
+            netns: netns.clone(),
+            cgroup: self.cgroup.join(format!("pod-{name}")),
+            ip4: Ipv4Addr::new(10, 213, self.subnet, host),
+            ip6: Ipv6Addr::new(0xfd00, 0x213, u16::from(self.subnet), 0, 0, 0, 0, u16::from(host)),
+        };
+        run("ip", &["netns", "add", &netns]);
+        std::fs::create_dir(&pod.cgroup)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", pod.cgroup.display()));
+        let (ip4, ip6) = (format!("{}/24", pod.ip4), format!("{}/64", pod.ip6));
+        self.pods.push(pod);
+        run("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        run("ip", &["link", "set", &veth, "master", &self.bridge, "up"]);
+        for args in [
+            vec!["addr", "add", &ip4, "dev", "eth0"],
+            vec!["addr", "add", &ip6, "dev", "eth0", "nodad"],
+            vec!["link", "set", "eth0", "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut full = vec!["-n", netns.as_str()];
+            full.extend(args);
+            run("ip", &full);
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for pod in self.pods.drain(..) {
+            pod.teardown();
+        }
+        run_quiet("ip", &["link", "del", &self.bridge]);
+        remove_cgroup_tree(&self.cgroup);
+        remove_pins(&self.pin_root);
+    }
+}
+
+impl Pod {
+    /// A command whose process starts inside this pod's cgroup and network namespace.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        command_in(Some(&self.cgroup), Some(&self.netns_path), program)
+    }
+
+    /// A sub-cgroup of the pod (a container's cgroup in Kubernetes terms), created if needed.
+    pub fn sub_cgroup(&self, name: &str) -> PathBuf {
+        let dir = self.cgroup.join(name);
+        if !dir.exists() {
+            std::fs::create_dir(&dir)
+                .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", dir.display()));
+        }
+        dir
+    }
+
+    /// Runs `f` on a new thread inside the pod's network namespace. Threads cannot join a
+    /// cgroup v2 domain on their own, so use [`Pod::command`] where the cgroup matters.
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        let ns = File::open(&self.netns_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.netns_path.display()));
+        std::thread::spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into pod");
+            f()
+        })
+    }
+
+    pub fn ip(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.ip6)
+        } else {
+            IpAddr::V4(self.ip4)
+        }
+    }
+
+    fn teardown(self) {
+        remove_cgroup_tree(&self.cgroup);
+        run_quiet("ip", &["netns", "del", &self.netns]);
+    }
+}
+
+/// A command that starts in the given cgroup and/or network namespace. The child joins the
+/// cgroup before entering the netns and before exec, so the program never runs outside.
+pub fn command_in(cgroup: Option<&Path>, netns: Option<&Path>, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    let procs = cgroup.map(|c| {
+        File::options()
+            .write(true)
+            .open(c.join("cgroup.procs"))
+            .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", c.display()))
+    });
+    let ns = netns.map(|n| File::open(n).unwrap_or_else(|e| panic!("open {}: {e}", n.display())));
+    // SAFETY: the hook only calls write(2) and setns(2), both async-signal-safe, on fds
+    // opened before fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                // "0" moves the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(ns) = &ns {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Kills every process in the tree and removes the cgroups, deepest first.
+fn remove_cgroup_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        remove_children(dir);
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() > deadline => {
+                eprintln!("simnode: cannot remove cgroup {}: {e}", dir.display());
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn remove_children(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            remove_children(&e.path());
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
+/// Unlinking a pinned link detaches it; then the directories go.
+pub(crate) fn remove_pins(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            remove_pins(&p);
+        } else {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn ensure_bpffs() {
+    let st = nix::sys::statfs::statfs("/sys/fs/bpf").expect("statfs /sys/fs/bpf");
+    if st.filesystem_type().0 as i64 != 0xcafe4a11 {
+        run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+    }
+}
+
+/// Picks a /24 in 10.213.0.0/16 that no interface on the host uses.
+fn free_subnet(id: &str) -> u8 {
+    let addrs = run("ip", &["-o", "addr", "show"]);
+    let start = u32::from_str_radix(id, 16).unwrap_or(0) % 250;
+    (0..250)
+        .map(|i| ((start + i) % 250 + 2) as u8)
+        .find(|k| !addrs.contains(&format!("10.213.{k}.")))
+        .expect("no free 10.213.x.0/24 subnet for the simulated node")
+}

@@ -1,0 +1,93 @@
+//! A bad configuration stops the agent at start, before it touches the kernel, with a
+//! message naming the field and the reason. These need no privileges.
+
+use std::process::Command;
+
+use simnode::{cgroup2_root, workspace_bin};
+
+/// Runs `agent run --config <text>` and returns (exit code, stderr).
+fn run_with(config: &str) -> (Option<i32>, String) {
+    let dir = std::env::temp_dir().join(format!("agent-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{n}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(workspace_bin("agent"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run agent");
+    let _ = std::fs::remove_file(&path);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A pod whose netns and cgroup exist on any Linux host, so only the field under test is bad.
+fn pod(extra: &str) -> String {
+    format!(
+        "[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"{}\"\n{extra}\n",
+        cgroup2_root().display()
+    )
+}
+
+fn assert_rejected(config: &str, needles: &[&str]) {
+    let (code, err) = run_with(config);
+    assert_eq!(code, Some(2), "expected exit code 2, got {code:?}: {err}");
+    assert!(err.contains("invalid configuration"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "message should mention {n:?}: {err}");
+    }
+}
+
+#[test]
+fn unknown_field() {
+    assert_rejected(&format!("outbound_port = 15001\nbogus_field = 1\n{}", pod("")), &["bogus_field", "line 2"]);
+}
+
+#[test]
+fn unknown_pod_field() {
+    assert_rejected(&pod("exclude = [1]"), &["exclude", "unknown field"]);
+}
+
+#[test]
+fn bad_cidr() {
+    assert_rejected(&pod("exclude_cidrs = [\"10.0.0.0/33\"]"), &["pod[0].exclude_cidrs[0]", "10.0.0.0/33", "not a CIDR"]);
+}
+
+#[test]
+fn cidr_with_host_bits() {
+    assert_rejected(&pod("exclude_cidrs = [\"10.1.2.3/8\"]"), &["pod[0].exclude_cidrs[0]", "host bits", "10.0.0.0/8"]);
+}
+
+#[test]
+fn missing_netns() {
+    let config = format!(
+        "[[pod]]\nname = \"p\"\nnetns = \"/var/run/netns/no-such-pod-xyz\"\ncgroup = \"{}\"\n",
+        cgroup2_root().display()
+    );
+    assert_rejected(&config, &["pod[0].netns", "/var/run/netns/no-such-pod-xyz"]);
+}
+
+#[test]
+fn netns_that_is_not_a_netns() {
+    let config = format!("[[pod]]\nname = \"p\"\nnetns = \"/etc/hostname\"\ncgroup = \"{}\"\n", cgroup2_root().display());
+    assert_rejected(&config, &["pod[0].netns", "not a network namespace"]);
+}
+
+#[test]
+fn missing_cgroup() {
+    let config = "[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"/sys/fs/cgroup/no-such-pod-xyz\"\n";
+    assert_rejected(config, &["pod[0].cgroup", "/sys/fs/cgroup/no-such-pod-xyz"]);
+}
+
+#[test]
+fn bad_fail_mode_and_port() {
+    assert_rejected(&pod("fail_mode = \"sometimes\""), &["fail_mode", "sometimes"]);
+    assert_rejected(&pod("exclude_ports = [0]"), &["pod[0].exclude_ports[0]", "port 0"]);
+    assert_rejected(&pod("exclude_ports = [70000]"), &["exclude_ports", "line"]);
+}
+
+#[test]
+fn no_pods() {
+    assert_rejected("outbound_port = 15001\n", &["no pod to enroll"]);
+}
