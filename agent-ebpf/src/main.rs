@@ -8,8 +8,11 @@
 //!   (pod, source address, source port), which is what the proxy sees after `accept()`.
 //!
 //! Entry points are thin; the logic lives in `try_*` functions returning `Result`.
-#![no_std]
-#![no_main]
+// On the host (clippy, and `cargo check`) this builds as an ordinary binary so that the
+// programs are linted like the rest of the workspace; for bpfel-unknown-none it is the
+// no_std object the agent embeds.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod maps;
 
@@ -98,13 +101,13 @@ fn classify(ctx: &SockAddrContext) -> Verdict {
     // settable by the application and are deliberately not used.
     // SAFETY: helper without arguments.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if AGENT_CGROUPS.get_ptr(&cgroup).is_some() {
+    if AGENT_CGROUPS.get_ptr(cgroup).is_some() {
         bump(COUNTER_AGENT_SOCKET);
         return Verdict::Pass(ALLOW);
     }
     // SAFETY: valid context pointer for this program type.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(cfg) = POD_CONFIG.get_ptr(&netns) else {
+    let Some(cfg) = POD_CONFIG.get_ptr(netns) else {
         // The program is only attached to enrolled pods' cgroups, so a connect from a
         // namespace we do not know is a process that left its pod's network namespace.
         // Complete mediation: refuse rather than let it out unseen.
@@ -116,7 +119,10 @@ fn classify(ctx: &SockAddrContext) -> Verdict {
     let cfg = unsafe { *cfg };
     if cfg.flags & POD_FLAG_BLOCK != 0 {
         bump(COUNTER_BLOCKED);
-        warn!(ctx, "pod {} is fail-closed and its agent is gone: connect refused", cfg.pod_id);
+        warn!(
+            ctx,
+            "pod {} is fail-closed and its agent is gone: connect refused", cfg.pod_id
+        );
         return Verdict::Pass(DENY);
     }
     Verdict::Pod(cfg)
@@ -126,7 +132,7 @@ fn classify(ctx: &SockAddrContext) -> Verdict {
 #[inline(always)]
 fn excluded(cfg: &PodConfig, addr: &[u8; 16], port: u16) -> bool {
     if EXCLUDED_PORTS
-        .get_ptr(&PortKey::new(cfg.pod_id, port))
+        .get_ptr(PortKey::new(cfg.pod_id, port))
         .is_some()
     {
         bump(COUNTER_EXCLUDED_PORT);
@@ -158,7 +164,7 @@ fn remember(ctx: &SockAddrContext, cfg: &PodConfig, addr: [u8; 16], port: u16) -
         _pad: 0,
         pod_id: cfg.pod_id,
     };
-    CONNECT_ORIG.insert(&cookie, &orig, 0)
+    CONNECT_ORIG.insert(cookie, orig, 0)
 }
 
 #[inline(always)]
@@ -194,7 +200,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         );
     }
     bump(COUNTER_REDIRECTED);
-    debug!(ctx, "pod {} connect4 to port {} redirected", cfg.pod_id, port);
+    debug!(
+        ctx,
+        "pod {} connect4 to port {} redirected", cfg.pod_id, port
+    );
     Ok(ALLOW)
 }
 
@@ -260,7 +269,10 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         );
     }
     bump(COUNTER_REDIRECTED);
-    debug!(ctx, "pod {} connect6 to port {} redirected", cfg.pod_id, port);
+    debug!(
+        ctx,
+        "pod {} connect6 to port {} redirected", cfg.pod_id, port
+    );
     Ok(ALLOW)
 }
 
@@ -271,7 +283,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     }
     // SAFETY: valid context pointer for this program type.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = CONNECT_ORIG.get_ptr(&cookie) else {
+    let Some(orig) = CONNECT_ORIG.get_ptr(cookie) else {
         // Not a socket connect4/6 redirected (excluded or local destination).
         return Ok(());
     };
@@ -301,16 +313,16 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     };
     // local_port is in host byte order (unlike remote_port).
     let key = SockKey::new(orig.pod_id, addr, ctx.local_port() as u16);
-    if let Err(e) = ORIG_DST.insert(&key, &orig, 0) {
+    if let Err(e) = ORIG_DST.insert(key, orig, 0) {
         bump(COUNTER_ORIG_MISSING);
         return Err(e);
     }
-    let _ = CONNECT_ORIG.remove(&cookie);
+    let _ = CONNECT_ORIG.remove(cookie);
     bump(COUNTER_ORIG_RECORDED);
     Ok(())
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
@@ -319,3 +331,6 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -74,9 +74,15 @@ mod tests {
     fn finds_hybrid_and_unified_mounts() {
         let hybrid = "30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
                       31 25 0:27 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
-        assert_eq!(parse_cgroup2_mount(hybrid).unwrap(), PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            parse_cgroup2_mount(hybrid).unwrap(),
+            PathBuf::from("/sys/fs/cgroup/unified")
+        );
         let unified = "31 25 0:27 / /sys/fs/cgroup rw shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(parse_cgroup2_mount(unified).unwrap(), PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(
+            parse_cgroup2_mount(unified).unwrap(),
+            PathBuf::from("/sys/fs/cgroup")
+        );
         assert!(parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw\n").is_none());
     }
 }

@@ -69,7 +69,9 @@ impl FromStr for FailMode {
         match s {
             "closed" => Ok(Self::Closed),
             "open" => Ok(Self::Open),
-            other => Err(format!("`{other}` is not a fail mode (expected `closed` or `open`)")),
+            other => Err(format!(
+                "`{other}` is not a fail mode (expected `closed` or `open`)"
+            )),
         }
     }
 }
@@ -305,13 +307,22 @@ impl Config {
             };
             let p = validate_pod(&field, pod)?;
             if !names.insert(p.name.clone()) {
-                return Err(invalid(format!("{field}.name"), format!("pod `{}` is enrolled twice", p.name)));
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("pod `{}` is enrolled twice", p.name),
+                ));
             }
             if !netns_seen.insert(p.netns.clone()) {
-                return Err(invalid(format!("{field}.netns"), format!("{} is already used by another pod", p.netns.display())));
+                return Err(invalid(
+                    format!("{field}.netns"),
+                    format!("{} is already used by another pod", p.netns.display()),
+                ));
             }
             if !cgroups_seen.insert(p.cgroup.clone()) {
-                return Err(invalid(format!("{field}.cgroup"), format!("{} is already used by another pod", p.cgroup.display())));
+                return Err(invalid(
+                    format!("{field}.cgroup"),
+                    format!("{} is already used by another pod", p.cgroup.display()),
+                ));
             }
             pods.push(p);
         }
@@ -339,12 +350,16 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
     check_cgroup(&pod.cgroup).map_err(|r| invalid(format!("{field}.cgroup"), r))?;
     for (j, port) in pod.exclude_ports.iter().enumerate() {
         if *port == 0 {
-            return Err(invalid(format!("{field}.exclude_ports[{j}]"), "port 0 is not a port"));
+            return Err(invalid(
+                format!("{field}.exclude_ports[{j}]"),
+                "port 0 is not a port",
+            ));
         }
     }
     let mut cidrs = Vec::new();
     for (j, text) in pod.exclude_cidrs.iter().enumerate() {
-        cidrs.push(parse_cidr(text).map_err(|r| invalid(format!("{field}.exclude_cidrs[{j}]"), r))?);
+        cidrs
+            .push(parse_cidr(text).map_err(|r| invalid(format!("{field}.exclude_cidrs[{j}]"), r))?);
     }
     Ok(PodConfig {
         name,
@@ -370,12 +385,14 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     if let Ok(ip) = IpAddr::from_str(text) {
         return Ok(IpNet::from(ip));
     }
-    Err(format!("`{text}` is not a CIDR (expected e.g. 10.0.0.0/8 or fd00::/8)"))
+    Err(format!(
+        "`{text}` is not a CIDR (expected e.g. 10.0.0.0/8 or fd00::/8)"
+    ))
 }
 
 fn check_netns(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("{} cannot be opened: {e}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("{} cannot be opened: {e}", path.display()))?;
     // A network namespace handle is a file on nsfs (bind-mounted or /proc/PID/ns/net).
     let st = nix::sys::statfs::statfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if st.filesystem_type() != nix::sys::statfs::NSFS_MAGIC || meta.is_dir() {
@@ -388,8 +405,8 @@ fn check_netns(path: &Path) -> Result<(), String> {
 }
 
 fn check_cgroup(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("{} cannot be opened: {e}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("{} cannot be opened: {e}", path.display()))?;
     let st = nix::sys::statfs::statfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !meta.is_dir() || st.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
         return Err(format!(
@@ -410,7 +427,9 @@ mod tests {
 
     #[test]
     fn unknown_field_names_field_and_line() {
-        let err = parse("outbound_port = 1\nbogus = 2\n").unwrap_err().to_string();
+        let err = parse("outbound_port = 1\nbogus = 2\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("test.toml"), "{err}");
         assert!(err.contains("bogus"), "{err}");
         assert!(err.contains("line 2"), "{err}");
@@ -429,7 +448,9 @@ mod tests {
         assert!(parse_cidr("10.0.0.0/8").is_ok());
         assert!(parse_cidr("fd00::/8").is_ok());
         assert!(parse_cidr("10.1.2.3").is_ok());
-        assert!(parse_cidr("10.0.0.0/33").unwrap_err().contains("not a CIDR"));
+        assert!(parse_cidr("10.0.0.0/33")
+            .unwrap_err()
+            .contains("not a CIDR"));
         assert!(parse_cidr("10.0.0.1/8").unwrap_err().contains("host bits"));
     }
 
@@ -437,8 +458,14 @@ mod tests {
     fn pod_flag() {
         let p: PodFlag = "name=a,netns=/n,cgroup=/c,fail_mode=open".parse().unwrap();
         assert_eq!(p.0.fail_mode, FailMode::Open);
-        assert!("name=a,netns=/n".parse::<PodFlag>().unwrap_err().contains("cgroup"));
-        assert!("name=a,x=1".parse::<PodFlag>().unwrap_err().contains("unknown key"));
+        assert!("name=a,netns=/n"
+            .parse::<PodFlag>()
+            .unwrap_err()
+            .contains("cgroup"));
+        assert!("name=a,x=1"
+            .parse::<PodFlag>()
+            .unwrap_err()
+            .contains("unknown key"));
     }
 
     #[test]
@@ -451,7 +478,9 @@ mod tests {
     #[test]
     fn missing_netns_is_named() {
         let file = parse("[[pod]]\nname='a'\nnetns='/nonexistent/ns'\ncgroup='/tmp'\n").unwrap();
-        let err = Config::build(file, &RunArgs::default()).unwrap_err().to_string();
+        let err = Config::build(file, &RunArgs::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("pod[0].netns:"), "{err}");
         assert!(err.contains("/nonexistent/ns"), "{err}");
     }

@@ -60,11 +60,9 @@ impl Netns {
 
     /// Runs `f` with the current thread inside this namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-            NetnsError::Enter {
-                path: self.path.clone(),
-                source,
-            }
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+            path: self.path.clone(),
+            source,
         })?;
         let out = f();
         // A thread left in a pod's namespace would silently create later sockets there:

@@ -68,7 +68,11 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             }
         }
     }
-    info!(pods = enrolled.len(), outbound_port = cfg.outbound_port, "agent ready");
+    info!(
+        pods = enrolled.len(),
+        outbound_port = cfg.outbound_port,
+        "agent ready"
+    );
 
     wait_for_signal().await?;
     info!("stopping: no new connections; draining");
@@ -99,8 +103,11 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         .await
         .is_err()
     {
-        warn!(open = shared.tracker.len(), deadline_ms = cfg.drain_timeout.as_millis() as u64,
-              "drain deadline passed: cutting the remaining connections");
+        warn!(
+            open = shared.tracker.len(),
+            deadline_ms = cfg.drain_timeout.as_millis() as u64,
+            "drain deadline passed: cutting the remaining connections"
+        );
         shared.abort.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait()).await;
     } else {
@@ -138,7 +145,9 @@ fn enroll(
         outbound_port: cfg.outbound_port,
         _pad: [0; 6],
     };
-    kernel.pods.exclude(id, &spec.exclude_ports, &spec.exclude_cidrs)?;
+    kernel
+        .pods
+        .exclude(id, &spec.exclude_ports, &spec.exclude_cidrs)?;
     kernel.pods.set(cookie, kernel_cfg)?;
     let pin = spec.fail_mode == FailMode::Closed;
     let (links, replaced) = PodLinks::attach(kernel, &spec.name, &spec.cgroup, &cfg.pin_root, pin)?;
@@ -197,7 +206,12 @@ fn release(kernel: &mut Kernel, pods: Vec<Enrolled>) {
 
 fn log_counters(kernel: &Kernel) {
     let counters = kernel.counters.snapshot();
-    let get = |n: &str| counters.iter().find(|(k, _)| *k == n).map_or(0, |(_, v)| *v);
+    let get = |n: &str| {
+        counters
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map_or(0, |(_, v)| *v)
+    };
     info!(
         redirected = get("redirected"),
         excluded_port = get("excluded_port"),

@@ -83,11 +83,17 @@ impl Agent {
 
     /// Starts the agent from a prepared command (e.g. one placed in a pod's sub-cgroup).
     pub fn start_cmd(mut cmd: Command, config: &AgentConfig) -> Agent {
-        let path = std::env::temp_dir().join(format!("simnode-agent-{}.toml", crate::sys::run_id()));
+        let path =
+            std::env::temp_dir().join(format!("simnode-agent-{}.toml", crate::sys::run_id()));
         std::fs::write(&path, config.text()).expect("write agent config");
         cmd.args(["run", "--config"])
             .arg(&path)
-            .args(["--log-format", "json", "--log-level", "info,agent_ebpf=debug"])
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "info,agent_ebpf=debug",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -106,7 +112,11 @@ impl Agent {
             reader: Some(reader),
             config: path,
         };
-        agent.wait_for("agent ready", |e| e["message"] == "agent ready", Duration::from_secs(30));
+        agent.wait_for(
+            "agent ready",
+            |e| e["message"] == "agent ready",
+            Duration::from_secs(30),
+        );
         agent
     }
 
@@ -145,7 +155,10 @@ impl Agent {
                 .map(|c| c.id())
                 .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
             if Instant::now() > deadline || exited {
-                panic!("agent: no `{what}` within {timeout:?}; log:\n{}", self.tail(60));
+                panic!(
+                    "agent: no `{what}` within {timeout:?}; log:\n{}",
+                    self.tail(60)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -171,7 +184,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("agent did not stop within 20 s of SIGTERM; log:\n{}", self.tail(60));
+                panic!(
+                    "agent did not stop within 20 s of SIGTERM; log:\n{}",
+                    self.tail(60)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

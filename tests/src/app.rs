@@ -27,8 +27,10 @@ impl Pod {
         let mut cmd = self.command(workspace_bin("podapp"));
         cmd.arg("serve");
         for port in ports {
-            cmd.arg("--listen").arg(SocketAddr::new(self.ip(false), *port).to_string());
-            cmd.arg("--listen").arg(SocketAddr::new(self.ip(true), *port).to_string());
+            cmd.arg("--listen")
+                .arg(SocketAddr::new(self.ip(false), *port).to_string());
+            cmd.arg("--listen")
+                .arg(SocketAddr::new(self.ip(true), *port).to_string());
         }
         start_server(cmd)
     }
@@ -36,14 +38,20 @@ impl Pod {
     /// Runs `podapp client` in this pod (its cgroup and netns) and returns its summary.
     pub fn client(&self, to: SocketAddr, extra: &[&str]) -> Summary {
         let mut cmd = self.command(workspace_bin("podapp"));
-        cmd.arg("client").arg("--to").arg(to.to_string()).args(extra);
+        cmd.arg("client")
+            .arg("--to")
+            .arg(to.to_string())
+            .args(extra);
         run_client(cmd)
     }
 
     /// Starts `podapp client` in this pod without waiting for it.
     pub fn client_spawn(&self, to: SocketAddr, extra: &[&str]) -> Child {
         let mut cmd = self.command(workspace_bin("podapp"));
-        cmd.arg("client").arg("--to").arg(to.to_string()).args(extra);
+        cmd.arg("client")
+            .arg("--to")
+            .arg(to.to_string())
+            .args(extra);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd.spawn().expect("spawn podapp client")
     }

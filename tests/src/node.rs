@@ -55,8 +55,27 @@ impl Node {
         std::fs::create_dir(&node.cgroup)
             .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", node.cgroup.display()));
         run("ip", &["link", "add", &node.bridge, "type", "bridge"]);
-        run("ip", &["addr", "add", &format!("{}/24", node.ip4()), "dev", &node.bridge]);
-        run("ip", &["addr", "add", &format!("{}/64", node.ip6()), "dev", &node.bridge, "nodad"]);
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", node.ip4()),
+                "dev",
+                &node.bridge,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/64", node.ip6()),
+                "dev",
+                &node.bridge,
+                "nodad",
+            ],
+        );
         run("ip", &["link", "set", &node.bridge, "up"]);
         for (i, name) in pods.iter().enumerate() {
             node.add_pod(name, i as u8 + 2);
@@ -94,14 +113,28 @@ impl Node {
             netns: netns.clone(),
             cgroup: self.cgroup.join(format!("pod-{name}")),
             ip4: Ipv4Addr::new(10, 213, self.subnet, host),
-            ip6: Ipv6Addr::new(0xfd00, 0x213, u16::from(self.subnet), 0, 0, 0, 0, u16::from(host)),
+            ip6: Ipv6Addr::new(
+                0xfd00,
+                0x213,
+                u16::from(self.subnet),
+                0,
+                0,
+                0,
+                0,
+                u16::from(host),
+            ),
         };
         run("ip", &["netns", "add", &netns]);
         std::fs::create_dir(&pod.cgroup)
             .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", pod.cgroup.display()));
         let (ip4, ip6) = (format!("{}/24", pod.ip4), format!("{}/64", pod.ip6));
         self.pods.push(pod);
-        run("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        run(
+            "ip",
+            &[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ],
+        );
         run("ip", &["link", "set", &veth, "master", &self.bridge, "up"]);
         for args in [
             vec!["addr", "add", &ip4, "dev", "eth0"],
@@ -173,7 +206,11 @@ impl Pod {
 
 /// A command that starts in the given cgroup and/or network namespace. The child joins the
 /// cgroup before entering the netns and before exec, so the program never runs outside.
-pub fn command_in(cgroup: Option<&Path>, netns: Option<&Path>, program: impl AsRef<OsStr>) -> Command {
+pub fn command_in(
+    cgroup: Option<&Path>,
+    netns: Option<&Path>,
+    program: impl AsRef<OsStr>,
+) -> Command {
     let mut cmd = Command::new(program);
     let procs = cgroup.map(|c| {
         File::options()
@@ -254,7 +291,7 @@ pub(crate) fn remove_pins(dir: &Path) {
 
 fn ensure_bpffs() {
     let st = nix::sys::statfs::statfs("/sys/fs/bpf").expect("statfs /sys/fs/bpf");
-    if st.filesystem_type().0 as i64 != 0xcafe4a11 {
+    if st.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
         run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]);
     }
 }
@@ -267,4 +304,42 @@ fn free_subnet(id: &str) -> u8 {
         .map(|i| ((start + i) % 250 + 2) as u8)
         .find(|k| !addrs.contains(&format!("10.213.{k}.")))
         .expect("no free 10.213.x.0/24 subnet for the simulated node")
+}
+
+/// Removes what crashed runs of the simulated node left behind (namespaces, bridges,
+/// cgroups and pins with this library's prefixes). Returns what it removed. Only for use
+/// when no other simulated node is running on the machine (`cargo xtask` calls it).
+pub fn sweep_stale() -> Vec<String> {
+    let mut removed = Vec::new();
+    let is_id = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    for line in run("ip", &["netns", "list"]).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name
+            .strip_prefix("sn")
+            .and_then(|r| r.split_once('-'))
+            .is_some_and(|(id, _)| is_id(id))
+        {
+            run_quiet("ip", &["netns", "del", name]);
+            removed.push(format!("netns {name}"));
+        }
+    }
+    for line in run("ip", &["-o", "link", "show", "type", "bridge"]).lines() {
+        let name = line.split(':').nth(1).unwrap_or("").trim();
+        if name.strip_prefix("snb").is_some_and(is_id) {
+            run_quiet("ip", &["link", "del", name]);
+            removed.push(format!("bridge {name}"));
+        }
+    }
+    let sweep_dir = |root: &Path, removed: &mut Vec<String>, f: &dyn Fn(&Path)| {
+        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.strip_prefix("simnode-").is_some_and(is_id) {
+                f(&e.path());
+                removed.push(e.path().display().to_string());
+            }
+        }
+    };
+    sweep_dir(&cgroup2_root(), &mut removed, &remove_cgroup_tree);
+    sweep_dir(Path::new("/sys/fs/bpf"), &mut removed, &remove_pins);
+    removed
 }

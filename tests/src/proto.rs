@@ -58,7 +58,9 @@ pub fn request_line(send: u64, reply: u64, seed: u64) -> String {
 pub fn parse_request(line: &str) -> Option<(u64, u64, u64)> {
     let f: Vec<&str> = line.split_whitespace().collect();
     match f.as_slice() {
-        ["SEND", n, "REPLY", m, "SEED", s] => Some((n.parse().ok()?, m.parse().ok()?, s.parse().ok()?)),
+        ["SEND", n, "REPLY", m, "SEED", s] => {
+            Some((n.parse().ok()?, m.parse().ok()?, s.parse().ok()?))
+        }
         _ => None,
     }
 }
@@ -73,7 +75,10 @@ pub struct ServerView {
 }
 
 pub fn response_line(v: &ServerView) -> String {
-    format!("OK peer={} local={} got={} sha={}\n", v.peer, v.local, v.got, v.sha)
+    format!(
+        "OK peer={} local={} got={} sha={}\n",
+        v.peer, v.local, v.got, v.sha
+    )
 }
 
 pub fn parse_response(line: &str) -> Option<ServerView> {

@@ -54,7 +54,10 @@ pub fn require_root(test: &str) -> bool {
 
 /// Programs attached to a cgroup, as `(attach_type, name)`, read with bpftool.
 pub fn attached_programs(cgroup: &Path) -> Vec<(String, String)> {
-    let out = run("bpftool", &["-j", "cgroup", "show", &cgroup.to_string_lossy()]);
+    let out = run(
+        "bpftool",
+        &["-j", "cgroup", "show", &cgroup.to_string_lossy()],
+    );
     if out.trim().is_empty() {
         return Vec::new();
     }

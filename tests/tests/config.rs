@@ -19,7 +19,10 @@ fn run_with(config: &str) -> (Option<i32>, String) {
         .output()
         .expect("run agent");
     let _ = std::fs::remove_file(&path);
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A pod whose netns and cgroup exist on any Linux host, so only the field under test is bad.
@@ -41,7 +44,10 @@ fn assert_rejected(config: &str, needles: &[&str]) {
 
 #[test]
 fn unknown_field() {
-    assert_rejected(&format!("outbound_port = 15001\nbogus_field = 1\n{}", pod("")), &["bogus_field", "line 2"]);
+    assert_rejected(
+        &format!("outbound_port = 15001\nbogus_field = 1\n{}", pod("")),
+        &["bogus_field", "line 2"],
+    );
 }
 
 #[test]
@@ -51,12 +57,18 @@ fn unknown_pod_field() {
 
 #[test]
 fn bad_cidr() {
-    assert_rejected(&pod("exclude_cidrs = [\"10.0.0.0/33\"]"), &["pod[0].exclude_cidrs[0]", "10.0.0.0/33", "not a CIDR"]);
+    assert_rejected(
+        &pod("exclude_cidrs = [\"10.0.0.0/33\"]"),
+        &["pod[0].exclude_cidrs[0]", "10.0.0.0/33", "not a CIDR"],
+    );
 }
 
 #[test]
 fn cidr_with_host_bits() {
-    assert_rejected(&pod("exclude_cidrs = [\"10.1.2.3/8\"]"), &["pod[0].exclude_cidrs[0]", "host bits", "10.0.0.0/8"]);
+    assert_rejected(
+        &pod("exclude_cidrs = [\"10.1.2.3/8\"]"),
+        &["pod[0].exclude_cidrs[0]", "host bits", "10.0.0.0/8"],
+    );
 }
 
 #[test]
@@ -70,7 +82,10 @@ fn missing_netns() {
 
 #[test]
 fn netns_that_is_not_a_netns() {
-    let config = format!("[[pod]]\nname = \"p\"\nnetns = \"/etc/hostname\"\ncgroup = \"{}\"\n", cgroup2_root().display());
+    let config = format!(
+        "[[pod]]\nname = \"p\"\nnetns = \"/etc/hostname\"\ncgroup = \"{}\"\n",
+        cgroup2_root().display()
+    );
     assert_rejected(&config, &["pod[0].netns", "not a network namespace"]);
 }
 
@@ -82,8 +97,14 @@ fn missing_cgroup() {
 
 #[test]
 fn bad_fail_mode_and_port() {
-    assert_rejected(&pod("fail_mode = \"sometimes\""), &["fail_mode", "sometimes"]);
-    assert_rejected(&pod("exclude_ports = [0]"), &["pod[0].exclude_ports[0]", "port 0"]);
+    assert_rejected(
+        &pod("fail_mode = \"sometimes\""),
+        &["fail_mode", "sometimes"],
+    );
+    assert_rejected(
+        &pod("exclude_ports = [0]"),
+        &["pod[0].exclude_ports[0]", "port 0"],
+    );
     assert_rejected(&pod("exclude_ports = [70000]"), &["exclude_ports", "line"]);
 }
 

@@ -23,7 +23,8 @@ fn at(pod: &Pod, v6: bool, port: u16) -> SocketAddr {
 }
 
 fn sock(s: &str) -> SocketAddr {
-    s.parse().unwrap_or_else(|e| panic!("not a socket address {s:?}: {e}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("not a socket address {s:?}: {e}"))
 }
 
 /// The client socket's own address is on loopback exactly when the kernel redirected it.
@@ -67,13 +68,21 @@ fn records_to(agent: &Agent, dst: SocketAddr) -> usize {
 
 /// The "kernel counters" line the agent logs when it stops.
 fn counter(agent: &Agent, name: &str) -> u64 {
-    let e = agent.wait_for("kernel counters", |e| e["message"] == "kernel counters", WAIT);
-    e[name].as_u64().unwrap_or_else(|| panic!("no counter {name} in {e}"))
+    let e = agent.wait_for(
+        "kernel counters",
+        |e| e["message"] == "kernel counters",
+        WAIT,
+    );
+    e[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {e}"))
 }
 
 #[test]
 fn plain_client_is_intercepted_v4_and_v6() {
-    let Some(node) = node("plain_client_is_intercepted_v4_and_v6", &["a", "b"]) else { return };
+    let Some(node) = node("plain_client_is_intercepted_v4_and_v6", &["a", "b"]) else {
+        return;
+    };
     let (a, b) = (node.pod("a"), node.pod("b"));
     let _srv = b.serve(&[8080]);
     let mut agent = Agent::start(&AgentConfig::new(&node).pod(a, "open"));
@@ -84,8 +93,16 @@ fn plain_client_is_intercepted_v4_and_v6() {
         let r = only(&s.results);
         assert!(redirected(r), "not redirected: {r:?}");
         let server = r.server.as_ref().expect("server view");
-        assert_eq!(sock(&server.peer).ip(), a.ip(v6), "server must see pod a's address");
-        assert_eq!(sock(&server.local), to, "server reached at the original destination");
+        assert_eq!(
+            sock(&server.peer).ip(),
+            a.ip(v6),
+            "server must see pod a's address"
+        );
+        assert_eq!(
+            sock(&server.local),
+            to,
+            "server reached at the original destination"
+        );
         let rec = record(&agent, &r.local, to);
         assert_eq!(rec["pod"], "a");
         assert_eq!(rec["outcome"], "ok");
@@ -93,7 +110,10 @@ fn plain_client_is_intercepted_v4_and_v6() {
         let header = simnode::proto::request_line(1000, 2000, 0).len() as u64;
         assert_eq!(rec["bytes_sent"].as_u64(), Some(1000 + header));
         let received = rec["bytes_received"].as_u64().unwrap();
-        assert!(received > 2000 && received < 2200, "bytes_received {received}");
+        assert!(
+            received > 2000 && received < 2200,
+            "bytes_received {received}"
+        );
     }
 
     // A dual-stack socket dialing an IPv4-mapped address skips connect4 in the kernel:
@@ -109,7 +129,9 @@ fn plain_client_is_intercepted_v4_and_v6() {
 
 #[test]
 fn bulk_64mib_each_way_and_half_close() {
-    let Some(node) = node("bulk_64mib_each_way_and_half_close", &["a", "b"]) else { return };
+    let Some(node) = node("bulk_64mib_each_way_and_half_close", &["a", "b"]) else {
+        return;
+    };
     let (a, b) = (node.pod("a"), node.pod("b"));
     let _srv = b.serve(&[8080]);
     let mut agent = Agent::start(&AgentConfig::new(&node).pod(a, "open"));
@@ -128,22 +150,42 @@ fn bulk_64mib_each_way_and_half_close() {
 
 #[test]
 fn thousand_concurrent_connections() {
-    let Some(node) = node("thousand_concurrent_connections", &["a", "b"]) else { return };
+    let Some(node) = node("thousand_concurrent_connections", &["a", "b"]) else {
+        return;
+    };
     let (a, b) = (node.pod("a"), node.pod("b"));
     let _srv = b.serve(&[8080]);
     let mut agent = Agent::start(&AgentConfig::new(&node).pod(a, "open"));
     let to = at(b, false, 8080);
     // All 1,000 are connected (through the agent) before any of them sends.
-    let s = a.client(to, &["--count", "1000", "--concurrency", "1000", "--send", "100", "--reply", "100"]);
+    let s = a.client(
+        to,
+        &[
+            "--count",
+            "1000",
+            "--concurrency",
+            "1000",
+            "--send",
+            "100",
+            "--reply",
+            "100",
+        ],
+    );
     assert_eq!((s.ok, s.failed), (1000, 0), "errors: {:?}", s.errors);
-    agent.wait_for("1000 access records", |_| records_to(&agent, to) >= 1000, WAIT);
+    agent.wait_for(
+        "1000 access records",
+        |_| records_to(&agent, to) >= 1000,
+        WAIT,
+    );
     assert!(agent.access().iter().all(|e| e["outcome"] == "ok"));
     assert!(agent.stop().success());
 }
 
 #[test]
 fn excluded_port_and_cidr_bypass_the_agent() {
-    let Some(node) = node("excluded_port_and_cidr_bypass_the_agent", &["a", "b", "c"]) else { return };
+    let Some(node) = node("excluded_port_and_cidr_bypass_the_agent", &["a", "b", "c"]) else {
+        return;
+    };
     let (a, b, c) = (node.pod("a"), node.pod("b"), node.pod("c"));
     let _sb = b.serve(&[8080, 9100]);
     let _sc = c.serve(&[8080]);
@@ -152,7 +194,12 @@ fn excluded_port_and_cidr_bypass_the_agent() {
     let cfg = AgentConfig::new(&node).pod_with(a, "open", &[9100], &[&c4, &c6]);
     let mut agent = Agent::start(&cfg);
 
-    let bypass = [at(b, false, 9100), at(b, true, 9100), at(c, false, 8080), at(c, true, 8080)];
+    let bypass = [
+        at(b, false, 9100),
+        at(b, true, 9100),
+        at(c, false, 8080),
+        at(c, true, 8080),
+    ];
     for to in bypass {
         let s = a.client(to, &[]);
         let r = only(&s.results);
@@ -177,7 +224,9 @@ fn excluded_port_and_cidr_bypass_the_agent() {
 
 #[test]
 fn unenrolled_pod_is_not_intercepted() {
-    let Some(node) = node("unenrolled_pod_is_not_intercepted", &["a", "b", "e"]) else { return };
+    let Some(node) = node("unenrolled_pod_is_not_intercepted", &["a", "b", "e"]) else {
+        return;
+    };
     let (a, b, e) = (node.pod("a"), node.pod("b"), node.pod("e"));
     let _srv = b.serve(&[8080]);
     let mut agent = Agent::start(&AgentConfig::new(&node).pod(a, "open"));
@@ -190,13 +239,19 @@ fn unenrolled_pod_is_not_intercepted() {
     let r = only(&r.results);
     assert!(redirected(r), "neighbour a is enrolled: {r:?}");
     record(&agent, &r.local, to);
-    assert_eq!(agent.access().len(), 1, "only pod a's connection goes through the agent");
+    assert_eq!(
+        agent.access().len(),
+        1,
+        "only pod a's connection goes through the agent"
+    );
     assert!(agent.stop().success());
 }
 
 #[test]
 fn same_source_port_in_two_pods_routes_each_to_its_destination() {
-    let Some(node) = node("same_source_port_in_two_pods", &["a", "c", "b"]) else { return };
+    let Some(node) = node("same_source_port_in_two_pods", &["a", "c", "b"]) else {
+        return;
+    };
     let (a, c, b) = (node.pod("a"), node.pod("c"), node.pod("b"));
     let _srv = b.serve(&[9001, 9002]);
     let mut agent = Agent::start(&AgentConfig::new(&node).pod(a, "open").pod(c, "open"));
@@ -212,15 +267,25 @@ fn same_source_port_in_two_pods_routes_each_to_its_destination() {
         let (ra, rc) = (only(&ra.results), only(&rc.results));
         assert_eq!(sock(&ra.local).port(), port);
         assert_eq!(sock(&rc.local).port(), port);
-        assert_eq!(sock(&ra.server.as_ref().unwrap().local), to_a, "round {round}: pod a misrouted");
-        assert_eq!(sock(&rc.server.as_ref().unwrap().local), to_c, "round {round}: pod c misrouted");
+        assert_eq!(
+            sock(&ra.server.as_ref().unwrap().local),
+            to_a,
+            "round {round}: pod a misrouted"
+        );
+        assert_eq!(
+            sock(&rc.server.as_ref().unwrap().local),
+            to_c,
+            "round {round}: pod c misrouted"
+        );
     }
     assert!(agent.stop().success());
 }
 
 #[test]
 fn agent_sockets_are_exempt_and_apps_cannot_forge_the_exemption() {
-    let Some(node) = node("agent_sockets_are_exempt", &["a", "b"]) else { return };
+    let Some(node) = node("agent_sockets_are_exempt", &["a", "b"]) else {
+        return;
+    };
     let (a, b) = (node.pod("a"), node.pod("b"));
     let _srv = b.serve(&[8080]);
     // Sidecar layout: the agent runs in a container cgroup *below* the pod's cgroup, where
@@ -234,7 +299,10 @@ fn agent_sockets_are_exempt_and_apps_cannot_forge_the_exemption() {
 
     let app = |extra: &[&str]| {
         let mut cmd = command_in(Some(&app_cg), Some(&a.netns_path), workspace_bin("podapp"));
-        cmd.arg("client").arg("--to").arg(to.to_string()).args(extra);
+        cmd.arg("client")
+            .arg("--to")
+            .arg(to.to_string())
+            .args(extra);
         let out = cmd.output().expect("run podapp");
         let s: simnode::proto::Summary = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
@@ -250,15 +318,24 @@ fn agent_sockets_are_exempt_and_apps_cannot_forge_the_exemption() {
     let bind = SocketAddr::new(IpAddr::V4(a.ip4), 43210).to_string();
     let r = app(&["--bind", &bind, "--mark", "1"]);
     assert_eq!(r.local, bind);
-    assert_eq!(record(&agent, &r.local, to)["outcome"], "ok", "forged connection bypassed the agent");
+    assert_eq!(
+        record(&agent, &r.local, to)["outcome"],
+        "ok",
+        "forged connection bypassed the agent"
+    );
 
     assert!(agent.stop().success());
-    assert!(counter(&agent, "agent_socket") >= 2, "the agent's upstream connects were exempted");
+    assert!(
+        counter(&agent, "agent_socket") >= 2,
+        "the agent's upstream connects were exempted"
+    );
 }
 
 #[test]
 fn sigterm_honours_fail_open_and_fail_closed() {
-    let Some(node) = node("sigterm_honours_fail_modes", &["a", "c", "b"]) else { return };
+    let Some(node) = node("sigterm_honours_fail_modes", &["a", "c", "b"]) else {
+        return;
+    };
     let (a, c, b) = (node.pod("a"), node.pod("c"), node.pod("b"));
     let _srv = b.serve(&[8080]);
     let cfg = AgentConfig::new(&node).pod(a, "open").pod(c, "closed");
@@ -266,7 +343,11 @@ fn sigterm_honours_fail_open_and_fail_closed() {
     let to = at(b, false, 8080);
     for pod in [a, c] {
         let r = pod.client(to, &[]);
-        assert!(redirected(only(&r.results)), "pod {} not intercepted", pod.name);
+        assert!(
+            redirected(only(&r.results)),
+            "pod {} not intercepted",
+            pod.name
+        );
     }
     let pins = node.pin_root();
     assert!(pins.join("c/connect4").exists() && pins.join("c/connect6").exists());
@@ -277,30 +358,56 @@ fn sigterm_honours_fail_open_and_fail_closed() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(agent.stop().success());
     let held = client_result(held);
-    assert!(redirected(only(&held.results)), "in-flight connection completed through the agent");
+    assert!(
+        redirected(only(&held.results)),
+        "in-flight connection completed through the agent"
+    );
 
     // Fail-open: nothing left, traffic goes direct.
-    assert!(attached_programs(&a.cgroup).is_empty(), "{:?}", attached_programs(&a.cgroup));
+    assert!(
+        attached_programs(&a.cgroup).is_empty(),
+        "{:?}",
+        attached_programs(&a.cgroup)
+    );
     let r = a.client(to, &[]);
     assert!(!redirected(only(&r.results)));
 
     // Fail-closed: only the blocking connect programs stay, pinned; connects fail.
-    let mut kinds: Vec<String> = attached_programs(&c.cgroup).into_iter().map(|(t, _)| t).collect();
+    let mut kinds: Vec<String> = attached_programs(&c.cgroup)
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
     kinds.sort();
     assert_eq!(kinds, ["cgroup_inet4_connect", "cgroup_inet6_connect"]);
     for v6 in [false, true] {
         let r = c.client(at(b, v6, 8080), &[]);
-        assert_eq!(r.ok, 0, "fail-closed pod c reached the server without the agent: {r:?}");
+        assert_eq!(
+            r.ok, 0,
+            "fail-closed pod c reached the server without the agent: {r:?}"
+        );
     }
 
     // A new agent adopts the pod: traffic flows again, the old programs are replaced.
     let mut agent = Agent::start(&cfg);
-    agent.wait_for("adoption", |e| e["message"] == "adopted the pod from a previous agent" && e["pod"] == "c", WAIT);
+    agent.wait_for(
+        "adoption",
+        |e| e["message"] == "adopted the pod from a previous agent" && e["pod"] == "c",
+        WAIT,
+    );
     let r = c.client(to, &[]);
     assert!(redirected(only(&r.results)));
-    assert_eq!(attached_programs(&c.cgroup).len(), 3, "{:?}", attached_programs(&c.cgroup));
+    assert_eq!(
+        attached_programs(&c.cgroup).len(),
+        3,
+        "{:?}",
+        attached_programs(&c.cgroup)
+    );
     assert!(agent.stop().success());
-    assert_eq!(c.client(to, &[]).ok, 0, "blocked again after the second stop");
+    assert_eq!(
+        c.client(to, &[]).ok,
+        0,
+        "blocked again after the second stop"
+    );
 
     // Explicit uninstall removes everything; the pod's traffic goes direct.
     let out = std::process::Command::new(workspace_bin("agent"))
@@ -308,10 +415,18 @@ fn sigterm_honours_fail_open_and_fail_closed() {
         .arg(pins)
         .output()
         .expect("agent uninstall");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed pins of pod c"));
     for pod in [a, c] {
-        assert!(attached_programs(&pod.cgroup).is_empty(), "pod {} still has programs", pod.name);
+        assert!(
+            attached_programs(&pod.cgroup).is_empty(),
+            "pod {} still has programs",
+            pod.name
+        );
     }
     assert!(!pins.exists(), "pin root left behind");
     assert!(!redirected(only(&c.client(to, &[]).results)));

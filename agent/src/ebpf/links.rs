@@ -27,9 +27,6 @@ use crate::config::PodName;
 /// programs run alongside other tools' (e.g. Cilium's) and alongside a previous agent's.
 const ATTACH: CgroupAttachMode = CgroupAttachMode::Single;
 
-/// The magic number of bpffs in statfs(2).
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
 enum Held {
     /// Detaches when dropped (its fd is the link's last reference).
     Owned { _link: FdLink },
@@ -186,13 +183,13 @@ pub fn uninstall(pin_root: &Path, pod: Option<&str>) -> Result<Vec<String>, Ebpf
 fn ensure_bpffs(pin_root: &Path) -> Result<(), EbpfError> {
     let mut probe = pin_root;
     while !probe.exists() {
-        probe = probe
-            .parent()
-            .ok_or_else(|| EbpfError::Bpffs(format!("{} has no existing parent", pin_root.display())))?;
+        probe = probe.parent().ok_or_else(|| {
+            EbpfError::Bpffs(format!("{} has no existing parent", pin_root.display()))
+        })?;
     }
     let on_bpffs = |p: &Path| {
         nix::sys::statfs::statfs(p)
-            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
             .unwrap_or(false)
     };
     if on_bpffs(probe) {

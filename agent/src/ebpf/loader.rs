@@ -70,8 +70,8 @@ impl Kernel {
     /// Forwards the programs' aya-log records to the `log` facade, which tracing picks up.
     /// Must be called inside a tokio runtime.
     pub fn spawn_log_forwarder(&mut self) -> Result<(), EbpfError> {
-        let logger =
-            aya_log::EbpfLogger::init(&mut self.ebpf).map_err(|e| EbpfError::Logger(e.to_string()))?;
+        let logger = aya_log::EbpfLogger::init(&mut self.ebpf)
+            .map_err(|e| EbpfError::Logger(e.to_string()))?;
         // SAFETY: the logger owns its ring buffer's fd and keeps it open, unchanged, for as
         // long as it lives, and the AsyncFd owns the logger.
         let mut fd =
@@ -89,7 +89,10 @@ impl Kernel {
         Ok(())
     }
 
-    pub fn connect_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, EbpfError> {
+    pub fn connect_program(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut CgroupSockAddr, EbpfError> {
         program(&mut self.ebpf, name)
     }
 
@@ -110,7 +113,10 @@ where
         .map_err(|source| EbpfError::Program { name, source })
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<(&'static str, aya::maps::Map), EbpfError> {
+fn take_map(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<(&'static str, aya::maps::Map), EbpfError> {
     let map = ebpf
         .take_map(name)
         .ok_or(EbpfError::Missing { kind: "map", name })?;

@@ -48,7 +48,12 @@ pub struct PodTable {
 }
 
 impl PodTable {
-    pub(super) fn new(config: Named, ports: Named, cidrs: Named, agent: Named) -> Result<Self, EbpfError> {
+    pub(super) fn new(
+        config: Named,
+        ports: Named,
+        cidrs: Named,
+        agent: Named,
+    ) -> Result<Self, EbpfError> {
         Ok(Self {
             config: typed(config)?,
             ports: typed(ports)?,
@@ -69,7 +74,12 @@ impl PodTable {
             .map_err(map_err(agent_common::MAP_POD_CONFIG))
     }
 
-    pub fn exclude(&mut self, pod_id: u32, ports: &[u16], cidrs: &[IpNet]) -> Result<(), EbpfError> {
+    pub fn exclude(
+        &mut self,
+        pod_id: u32,
+        ports: &[u16],
+        cidrs: &[IpNet],
+    ) -> Result<(), EbpfError> {
         for port in ports {
             self.ports
                 .insert(PortKey::new(pod_id, *port), 1, 0)
@@ -99,7 +109,10 @@ impl PodTable {
 fn cidr_key(pod_id: u32, net: &IpNet) -> Key<CidrKey> {
     let (addr, bits) = match net {
         // IPv4 is stored mapped, so its prefix starts after the 96-bit ::ffff: part.
-        IpNet::V4(v4) => (v4_mapped(v4.network().octets()), 96 + u32::from(v4.prefix_len())),
+        IpNet::V4(v4) => (
+            v4_mapped(v4.network().octets()),
+            96 + u32::from(v4.prefix_len()),
+        ),
         IpNet::V6(v6) => (v6.network().octets(), u32::from(v6.prefix_len())),
     };
     Key::new(

@@ -16,7 +16,10 @@ pub enum EbpfError {
     #[error("loading the eBPF object failed: {0} (is this kernel >= 5.15 with BTF, and is the agent root?)")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {kind} `{name}`: the agent binary is broken, rebuild it")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("eBPF program `{name}`: {source}")]
     Program {
         name: &'static str,

@@ -33,7 +33,10 @@ pub fn bind(pod: &Pod, port: u16) -> Result<Vec<std::net::TcpListener>, ProxyErr
             Ok(l) => out.push(l),
             Err(e)
                 if addr.is_ipv6()
-                    && matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) =>
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+                    ) =>
             {
                 warn!(pod = %pod.name, error = %e, "no IPv6 loopback in the pod: IPv6 outbound listener skipped");
             }

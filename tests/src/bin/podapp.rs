@@ -29,7 +29,10 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("bad value for {name}: {v}")))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("bad value for {name}: {v}"))
+        })
 }
 
 fn main() {
@@ -58,7 +61,8 @@ async fn serve(args: &[String]) {
         .collect();
     let mut tasks = Vec::new();
     for addr in addrs {
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).unwrap();
+        let sock =
+            Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).unwrap();
         sock.set_reuse_address(true).unwrap();
         if addr.is_ipv6() {
             sock.set_only_v6(true).unwrap();
@@ -70,7 +74,9 @@ async fn serve(args: &[String]) {
         let l = TcpListener::from_std(sock.into()).unwrap();
         tasks.push(tokio::spawn(async move {
             loop {
-                let Ok((s, peer)) = l.accept().await else { continue };
+                let Ok((s, peer)) = l.accept().await else {
+                    continue;
+                };
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(CONN_DEADLINE, serve_one(s, peer)).await;
                 });
@@ -178,7 +184,9 @@ async fn client(args: &[String]) {
             } else {
                 summary.failed += 1;
                 if summary.errors.len() < 10 {
-                    summary.errors.push(r.error.clone().unwrap_or_else(|| "bytes differ".into()));
+                    summary
+                        .errors
+                        .push(r.error.clone().unwrap_or_else(|| "bytes differ".into()));
                 }
             }
             if count <= 50 {
@@ -214,7 +222,11 @@ async fn one(o: &ClientOpts, barrier: &Barrier, seed: u64) -> ConnResult {
 }
 
 async fn connect(o: &ClientOpts) -> std::io::Result<TcpStream> {
-    let domain = if o.v6_socket { Domain::IPV6 } else { Domain::for_address(o.to) };
+    let domain = if o.v6_socket {
+        Domain::IPV6
+    } else {
+        Domain::for_address(o.to)
+    };
     let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     if let Some(mark) = o.mark {
         sock.set_mark(mark)?;
@@ -232,7 +244,12 @@ async fn connect(o: &ClientOpts) -> std::io::Result<TcpStream> {
     sock.connect(to).await
 }
 
-async fn exchange(s: &mut TcpStream, o: &ClientOpts, seed: u64, res: &mut ConnResult) -> std::io::Result<()> {
+async fn exchange(
+    s: &mut TcpStream,
+    o: &ClientOpts,
+    seed: u64,
+    res: &mut ConnResult,
+) -> std::io::Result<()> {
     if !o.hold.is_zero() {
         tokio::time::sleep(o.hold).await;
     }
@@ -244,9 +261,8 @@ async fn exchange(s: &mut TcpStream, o: &ClientOpts, seed: u64, res: &mut ConnRe
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).await?;
-    let view = proto::parse_response(&line).ok_or_else(|| {
-        std::io::Error::other(format!("bad response line {line:?}"))
-    })?;
+    let view = proto::parse_response(&line)
+        .ok_or_else(|| std::io::Error::other(format!("bad response line {line:?}")))?;
     res.sent_ok = view.got == o.send && view.sha == Pattern::sha(seed, o.send);
     res.server = Some(view);
     let mut h = Sha256::new();
@@ -260,7 +276,8 @@ async fn exchange(s: &mut TcpStream, o: &ClientOpts, seed: u64, res: &mut ConnRe
         h.update(&buf[..n]);
         got += n as u64;
     }
-    res.reply_ok = got == o.reply && proto::hex(&h.finalize()) == Pattern::sha(seed.wrapping_add(1), o.reply);
+    res.reply_ok =
+        got == o.reply && proto::hex(&h.finalize()) == Pattern::sha(seed.wrapping_add(1), o.reply);
     Ok(())
 }
 
