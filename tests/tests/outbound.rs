@@ -431,3 +431,44 @@ fn sigterm_honours_fail_open_and_fail_closed() {
     assert!(!pins.exists(), "pin root left behind");
     assert!(!redirected(only(&c.client(to, &[]).results)));
 }
+
+#[test]
+fn sigkill_leaves_a_fail_closed_pod_blocked_until_adopted() {
+    let Some(node) = node("sigkill_leaves_fail_closed_pod_blocked", &["c", "b"]) else {
+        return;
+    };
+    let (c, b) = (node.pod("c"), node.pod("b"));
+    let _srv = b.serve(&[8080]);
+    let cfg = AgentConfig::new(&node).pod(c, "closed");
+    let mut agent = Agent::start(&cfg);
+    let to = at(b, false, 8080);
+    assert!(redirected(only(&c.client(to, &[]).results)));
+
+    // No chance to clean up: the pinned programs keep redirecting to a listener that is
+    // gone, so connects fail instead of leaving the pod in clear.
+    agent.kill();
+    for v6 in [false, true] {
+        let r = c.client(at(b, v6, 8080), &[]);
+        assert_eq!(
+            r.ok, 0,
+            "pod c reached the server after its agent was killed: {r:?}"
+        );
+    }
+
+    let mut agent = Agent::start(&cfg);
+    agent.wait_for(
+        "adoption",
+        |e| e["message"] == "adopted the pod from a previous agent",
+        WAIT,
+    );
+    assert!(redirected(only(&c.client(to, &[]).results)));
+    assert!(agent.stop().success());
+    let out = std::process::Command::new(workspace_bin("agent"))
+        .args(["uninstall", "--pin-root"])
+        .arg(node.pin_root())
+        .output()
+        .expect("agent uninstall");
+    assert!(out.status.success());
+    assert!(attached_programs(&c.cgroup).is_empty());
+    assert!(!redirected(only(&c.client(to, &[]).results)));
+}
