@@ -61,17 +61,19 @@ fn test() -> Result<()> {
     sh::run("cargo", LINT)?;
     build_bins()?;
     // The privileged tests share the kernel (cgroup attachments, bpffs, CPU): one at a time.
-    sh::run(
-        "cargo",
-        &[
-            "test",
-            "--workspace",
-            "--exclude",
-            "agent-ebpf",
-            "--",
-            "--test-threads=1",
-        ],
-    )?;
-    println!("xtask test: all checks passed");
+    let (passed, failed) = sh::cargo_test(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--lib",
+        "--bins",
+        "--tests",
+        "--",
+        "--test-threads=1",
+    ])?;
+    // One closing line for the whole suite (cargo prints one per test binary).
+    println!("xtask test: {passed} passed, {failed} failed");
+    anyhow::ensure!(passed > 0, "no test ran");
     Ok(())
 }
