@@ -167,6 +167,21 @@ fn remember(ctx: &SockAddrContext, cfg: &PodConfig, addr: [u8; 16], port: u16) -
     CONNECT_ORIG.insert(cookie, orig, 0)
 }
 
+/// An IPv6 address read as four 32-bit context words. Each word holds its part in network
+/// byte order, so its in-memory bytes (to_ne_bytes) are the address bytes in order.
+#[inline(always)]
+fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        let b = w.to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+    }
+    addr
+}
+
 #[inline(always)]
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let cfg = match classify(ctx) {
@@ -221,15 +236,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         // SAFETY: context field read within the 4-word array.
         *word = unsafe { read_volatile(addr_of!((*sa).user_ip6[i])) };
     }
-    // Each word is in network byte order, so its in-memory bytes are the address bytes.
-    let mut addr = [0u8; 16];
-    for i in 0..4 {
-        let b = words[i].to_ne_bytes();
-        addr[i * 4] = b[0];
-        addr[i * 4 + 1] = b[1];
-        addr[i * 4 + 2] = b[2];
-        addr[i * 4 + 3] = b[3];
-    }
+    let addr = words_to_bytes(words);
     // SAFETY: context field read; network byte order in the low 16 bits.
     let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
     let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
@@ -294,17 +301,12 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
         // local_ip4 is in network byte order: its in-memory bytes are the octets.
         AF_INET => v4_mapped(ctx.local_ip4().to_ne_bytes()),
         AF_INET6 => {
-            let mut addr = [0u8; 16];
-            for i in 0..4 {
-                // SAFETY: 4-byte context reads (wider loads are rejected by the verifier);
-                // each word is in network byte order.
-                let b = unsafe { read_volatile(addr_of!((*ops).local_ip6[i])) }.to_ne_bytes();
-                addr[i * 4] = b[0];
-                addr[i * 4 + 1] = b[1];
-                addr[i * 4 + 2] = b[2];
-                addr[i * 4 + 3] = b[3];
+            let mut words = [0u32; 4];
+            for (i, word) in words.iter_mut().enumerate() {
+                // SAFETY: 4-byte context reads (wider loads are rejected by the verifier).
+                *word = unsafe { read_volatile(addr_of!((*ops).local_ip6[i])) };
             }
-            addr
+            words_to_bytes(words)
         }
         _ => {
             bump(COUNTER_ORIG_MISSING);

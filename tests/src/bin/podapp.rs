@@ -97,27 +97,34 @@ async fn serve_one(s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     let Some((_, reply, seed)) = proto::parse_request(&line) else {
         return Ok(());
     };
+    let (got, sha) = drain_hashed(&mut r).await?;
+    let view = ServerView {
+        peer: peer.to_string(),
+        local: local.to_string(),
+        got,
+        sha,
+    };
+    let mut s = r.into_inner();
+    s.write_all(proto::response_line(&view).as_bytes()).await?;
+    write_pattern(&mut s, seed.wrapping_add(1), reply).await?;
+    s.shutdown().await
+}
+
+/// Reads to EOF; returns the byte count and the SHA-256 of what was read.
+async fn drain_hashed<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<(u64, String)> {
     let mut h = Sha256::new();
     let mut got = 0u64;
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
-            break;
+            return Ok((got, proto::hex(&h.finalize())));
         }
         h.update(&buf[..n]);
         got += n as u64;
     }
-    let view = ServerView {
-        peer: peer.to_string(),
-        local: local.to_string(),
-        got,
-        sha: proto::hex(&h.finalize()),
-    };
-    let mut s = r.into_inner();
-    s.write_all(proto::response_line(&view).as_bytes()).await?;
-    write_pattern(&mut s, seed.wrapping_add(1), reply).await?;
-    s.shutdown().await
 }
 
 async fn write_pattern(s: &mut TcpStream, seed: u64, len: u64) -> std::io::Result<()> {
@@ -265,19 +272,8 @@ async fn exchange(
         .ok_or_else(|| std::io::Error::other(format!("bad response line {line:?}")))?;
     res.sent_ok = view.got == o.send && view.sha == Pattern::sha(seed, o.send);
     res.server = Some(view);
-    let mut h = Sha256::new();
-    let mut got = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        got += n as u64;
-    }
-    res.reply_ok =
-        got == o.reply && proto::hex(&h.finalize()) == Pattern::sha(seed.wrapping_add(1), o.reply);
+    let (got, sha) = drain_hashed(&mut r).await?;
+    res.reply_ok = got == o.reply && sha == Pattern::sha(seed.wrapping_add(1), o.reply);
     Ok(())
 }
 
