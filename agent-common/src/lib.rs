@@ -25,11 +25,35 @@ pub const MAP_EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
 pub const MAP_AGENT_CGROUPS: &str = "AGENT_CGROUPS";
 /// Per-CPU event counters indexed by the `COUNTER_*` constants.
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Each enrolled pod's addresses (`[u8; 16]`, network order, IPv4 mapped) to [`InboundPod`].
+pub const MAP_POD_ADDRS: &str = "POD_ADDRS";
+/// The agent's inbound listeners (SOCKMAP), at [`inbound_listener_index`].
+pub const MAP_INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+/// Destination ports of a pod that inbound interception leaves alone ([`PortKey`]).
+pub const MAP_INBOUND_EXCLUDED_PORTS: &str = "INBOUND_EXCLUDED_PORTS";
+/// Ports of a pod that health probes may reach directly ([`PortKey`]).
+pub const MAP_PROBE_PORTS: &str = "PROBE_PORTS";
+/// Node addresses that health probes come from (`[u8; 16]`).
+pub const MAP_PROBE_SOURCES: &str = "PROBE_SOURCES";
 
 /// Program names, as the loader looks them up in the object.
 pub const PROG_CONNECT4: &str = "connect4";
 pub const PROG_CONNECT6: &str = "connect6";
 pub const PROG_SOCK_OPS: &str = "record_orig_dst";
+pub const PROG_SK_LOOKUP: &str = "steer_inbound";
+
+/// The source address of the agent's own connections to an application in its pod. Packets
+/// with a loopback source never arrive from the network (the kernel drops them as
+/// martians), so only a process inside the pod's namespace can use it: the same trust
+/// boundary as the application itself. (127.0.0.6 is Istio's choice for the same job.)
+pub const AGENT_APP_SRC4: [u8; 4] = [127, 0, 0, 6];
+/// IPv6 has one loopback address; the agent uses it as source towards the application.
+pub const AGENT_APP_SRC6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// SOCKMAP slot of a pod's inbound listener for one family.
+pub const fn inbound_listener_index(pod_id: u32, v6: bool) -> u32 {
+    pod_id * 2 + v6 as u32
+}
 
 /// The pod does not want its traffic blocked when the agent is absent.
 pub const POD_FLAG_FAIL_OPEN: u32 = 1 << 0;
@@ -46,7 +70,12 @@ pub const COUNTER_UNKNOWN_NETNS: u32 = 6;
 pub const COUNTER_ORIG_RECORDED: u32 = 7;
 pub const COUNTER_ORIG_MISSING: u32 = 8;
 pub const COUNTER_NOT_TCP: u32 = 9;
-pub const NUM_COUNTERS: u32 = 10;
+pub const COUNTER_INBOUND_STEERED: u32 = 10;
+pub const COUNTER_INBOUND_NO_LISTENER: u32 = 11;
+pub const COUNTER_INBOUND_PROBE: u32 = 12;
+pub const COUNTER_INBOUND_AGENT_TO_APP: u32 = 13;
+pub const COUNTER_INBOUND_EXCLUDED: u32 = 14;
+pub const NUM_COUNTERS: u32 = 15;
 
 /// Human names of the counters, indexed like the `COUNTER_*` constants.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -60,6 +89,11 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "orig_recorded",
     "orig_missing",
     "not_tcp",
+    "inbound_steered",
+    "inbound_no_listener",
+    "inbound_probe",
+    "inbound_agent_to_app",
+    "inbound_excluded",
 ];
 
 /// What the kernel needs to know about an enrolled pod.
@@ -73,6 +107,15 @@ pub struct PodConfig {
     /// The outbound listener's port on the pod's loopback (host byte order).
     pub outbound_port: u16,
     pub _pad: [u8; 6],
+}
+
+/// What the inbound program needs to know about the pod that owns an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundPod {
+    pub pod_id: u32,
+    /// `POD_FLAG_*` bits.
+    pub flags: u32,
 }
 
 /// The destination an application asked for before the redirect.
@@ -159,6 +202,7 @@ const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<InboundPod>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -169,4 +213,5 @@ mod user {
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::InboundPod {}
 }

@@ -14,6 +14,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod inbound;
 mod maps;
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
@@ -40,8 +41,8 @@ use maps::{
 /// cgroup/connect return values: 1 lets the connect proceed, 0 fails it with EPERM.
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
-const IPPROTO_TCP: u32 = 6;
-const AF_INET: u32 = 2;
+pub(crate) const IPPROTO_TCP: u32 = 6;
+pub(crate) const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
 /// An IPv4 address with its 4 bytes in network order, as the kernel stores it.
@@ -170,7 +171,7 @@ fn remember(ctx: &SockAddrContext, cfg: &PodConfig, addr: [u8; 16], port: u16) -
 /// An IPv6 address read as four 32-bit context words. Each word holds its part in network
 /// byte order, so its in-memory bytes (to_ne_bytes) are the address bytes in order.
 #[inline(always)]
-fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
+pub(crate) fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
     let mut addr = [0u8; 16];
     for (i, w) in words.iter().enumerate() {
         let b = w.to_ne_bytes();

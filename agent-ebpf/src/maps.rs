@@ -1,10 +1,10 @@
 //! Map definitions. Names and layouts come from `agent-common`; the static names here must
 //! equal the `MAP_*` constants there (the loader fails loudly if one is missing).
 
-use agent_common::{CidrKey, OrigDst, PodConfig, PortKey, SockKey, NUM_COUNTERS};
+use agent_common::{CidrKey, InboundPod, OrigDst, PodConfig, PortKey, SockKey, NUM_COUNTERS};
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
 
 /// Enough for every pod a node runs, with room to spare.
@@ -33,6 +33,22 @@ pub static AGENT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(64, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+#[map]
+pub static POD_ADDRS: HashMap<[u8; 16], InboundPod> = HashMap::with_max_entries(MAX_PODS * 4, 0);
+
+#[map]
+pub static INBOUND_LISTENERS: SockMap = SockMap::with_max_entries(MAX_PODS * 2 + 2, 0);
+
+#[map]
+pub static INBOUND_EXCLUDED_PORTS: HashMap<PortKey, u32> =
+    HashMap::with_max_entries(MAX_PODS * 16, 0);
+
+#[map]
+pub static PROBE_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PODS * 16, 0);
+
+#[map]
+pub static PROBE_SOURCES: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
 
 /// Adds one to a per-CPU counter; per-CPU so no atomics are needed.
 #[inline(always)]

@@ -16,8 +16,9 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// Istio's outbound capture port, so dashboards and muscle memory carry over.
+/// Istio's capture ports, so dashboards and muscle memory carry over.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/agent";
 const DEFAULT_DRAIN_MS: u64 = 5_000;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
@@ -81,6 +82,10 @@ impl FromStr for FailMode {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub outbound_port: Option<u16>,
+    pub inbound_port: Option<u16>,
+    /// Node addresses that health probes (kubelet) come from.
+    #[serde(default)]
+    pub probe_sources: Vec<String>,
     pub pin_root: Option<PathBuf>,
     pub drain_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
@@ -103,6 +108,12 @@ pub struct PodFile {
     pub exclude_ports: Vec<u16>,
     #[serde(default)]
     pub exclude_cidrs: Vec<String>,
+    /// Inbound ports left to the application untouched (no proxy, no policy).
+    #[serde(default)]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Ports that health probes from `probe_sources` reach directly, in plaintext.
+    #[serde(default)]
+    pub probe_ports: Vec<u16>,
 }
 
 /// A pod given on the command line: `name=N,netns=PATH,cgroup=PATH[,fail_mode=open]`.
@@ -136,6 +147,8 @@ impl FromStr for PodFlag {
             fail_mode: fail_mode.unwrap_or_default(),
             exclude_ports: Vec::new(),
             exclude_cidrs: Vec::new(),
+            exclude_inbound_ports: Vec::new(),
+            probe_ports: Vec::new(),
         }))
     }
 }
@@ -169,6 +182,8 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub probe_sources: Vec<IpAddr>,
     pub pin_root: PathBuf,
     #[serde(with = "millis")]
     pub drain_timeout: Duration,
@@ -188,6 +203,8 @@ pub struct PodConfig {
     pub fail_mode: FailMode,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<IpNet>,
+    pub exclude_inbound_ports: Vec<u16>,
+    pub probe_ports: Vec<u16>,
 }
 
 /// A pod name that is safe to use as a path component.
@@ -265,6 +282,22 @@ impl Config {
         if outbound_port == 0 {
             return Err(invalid("outbound_port", "must be between 1 and 65535"));
         }
+        let inbound_port = file.inbound_port.unwrap_or(DEFAULT_INBOUND_PORT);
+        if inbound_port == 0 || inbound_port == outbound_port {
+            return Err(invalid(
+                "inbound_port",
+                "must be between 1 and 65535 and differ from outbound_port",
+            ));
+        }
+        let mut probe_sources = Vec::new();
+        for (i, text) in file.probe_sources.iter().enumerate() {
+            probe_sources.push(IpAddr::from_str(text).map_err(|e| {
+                invalid(
+                    format!("probe_sources[{i}]"),
+                    format!("`{text}` is not an IP address: {e}"),
+                )
+            })?);
+        }
         let pin_root = args
             .pin_root
             .clone()
@@ -334,6 +367,8 @@ impl Config {
         }
         Ok(Config {
             outbound_port,
+            inbound_port,
+            probe_sources,
             pin_root,
             drain_timeout: Duration::from_millis(drain_ms),
             connect_timeout: Duration::from_millis(connect_ms),
@@ -348,10 +383,14 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
     let name = PodName::parse(&pod.name).map_err(|r| invalid(format!("{field}.name"), r))?;
     check_netns(&pod.netns).map_err(|r| invalid(format!("{field}.netns"), r))?;
     check_cgroup(&pod.cgroup).map_err(|r| invalid(format!("{field}.cgroup"), r))?;
-    for (j, port) in pod.exclude_ports.iter().enumerate() {
-        if *port == 0 {
+    for (list, ports) in [
+        ("exclude_ports", &pod.exclude_ports),
+        ("exclude_inbound_ports", &pod.exclude_inbound_ports),
+        ("probe_ports", &pod.probe_ports),
+    ] {
+        if let Some(j) = ports.iter().position(|p| *p == 0) {
             return Err(invalid(
-                format!("{field}.exclude_ports[{j}]"),
+                format!("{field}.{list}[{j}]"),
                 "port 0 is not a port",
             ));
         }
@@ -368,6 +407,8 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
         fail_mode: pod.fail_mode,
         exclude_ports: pod.exclude_ports,
         exclude_cidrs: cidrs,
+        exclude_inbound_ports: pod.exclude_inbound_ports,
+        probe_ports: pod.probe_ports,
     })
 }
 
@@ -411,6 +452,16 @@ fn check_cgroup(path: &Path) -> Result<(), String> {
     if !meta.is_dir() || st.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
         return Err(format!(
             "{} is not a cgroup v2 directory (the cgroup2 mount is listed in /proc/self/mountinfo)",
+            path.display()
+        ));
+    }
+    // The root of the hierarchy holds every process on the node: enrolling it would
+    // intercept (and, for unknown namespaces, refuse) the whole node's connections.
+    if crate::cgroup::cgroup2_mount()
+        .is_ok_and(|root| std::fs::canonicalize(path).ok() == std::fs::canonicalize(root).ok())
+    {
+        return Err(format!(
+            "{} is the root of the cgroup hierarchy: that would enroll every process on the node; give the pod's own cgroup",
             path.display()
         ));
     }

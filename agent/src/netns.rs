@@ -23,6 +23,8 @@ pub enum NetnsError {
     },
     #[error("cannot enter network namespace {path}: {source} (the agent needs CAP_SYS_ADMIN)")]
     Enter { path: PathBuf, source: nix::Error },
+    #[error("cannot list the addresses in network namespace {path}: {source}")]
+    Addresses { path: PathBuf, source: nix::Error },
     #[error("cannot read the cookie of network namespace {path}: {source} (needs Linux >= 5.14)")]
     Cookie {
         path: PathBuf,
@@ -56,6 +58,34 @@ impl Netns {
             file,
             path: path.to_path_buf(),
         })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The addresses configured inside the namespace, loopback excluded.
+    pub fn addresses(&self) -> Result<Vec<std::net::IpAddr>, NetnsError> {
+        let addrs =
+            self.run(nix::ifaddrs::getifaddrs)?
+                .map_err(|source| NetnsError::Addresses {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        let mut out: Vec<std::net::IpAddr> = addrs
+            .filter_map(|a| {
+                let sa = a.address?;
+                let ip = if let Some(v4) = sa.as_sockaddr_in() {
+                    std::net::IpAddr::V4(v4.ip())
+                } else {
+                    std::net::IpAddr::V6(sa.as_sockaddr_in6()?.ip())
+                };
+                (!ip.is_loopback()).then_some(ip)
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     /// Runs `f` with the current thread inside this namespace.

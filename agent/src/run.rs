@@ -13,9 +13,9 @@ use tracing::{error, info, warn};
 use crate::{
     cgroup,
     config::{Config, FailMode, PodConfig},
-    ebpf::{EbpfError, Kernel, PodLinks},
+    ebpf::{EbpfError, Kernel, PodEntry, PodLinks},
     netns::Netns,
-    proxy::{outbound, Pod, ProxyError, Shared},
+    proxy::{self, Direction, Pod, ProxyError, Shared},
     telemetry,
 };
 
@@ -36,9 +36,7 @@ pub enum RunError {
 /// One enrolled pod and everything the agent holds for it.
 struct Enrolled {
     spec: PodConfig,
-    pod: Arc<Pod>,
-    cookie: u64,
-    kernel_cfg: KernelPod,
+    entry: PodEntry,
     links: PodLinks,
 }
 
@@ -49,9 +47,11 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let (own_dir, own_id) = cgroup::own()?;
     kernel.pods.exempt_agent_cgroup(own_id)?;
     info!(cgroup = %own_dir.display(), cgroup_id = own_id, "agent's own sockets are exempt by cgroup");
+    for ip in &cfg.probe_sources {
+        kernel.pods.add_probe_source(*ip)?;
+    }
 
     let shared = Shared::new(orig_dst, cfg.connect_timeout);
-
     let mut enrolled = Vec::new();
     let mut accept_loops = Vec::new();
     for (i, spec) in cfg.pods.iter().enumerate() {
@@ -71,21 +71,18 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     info!(
         pods = enrolled.len(),
         outbound_port = cfg.outbound_port,
+        inbound_port = cfg.inbound_port,
         "agent ready"
     );
 
     wait_for_signal().await?;
     info!("stopping: no new connections; draining");
 
-    // New connects first stop reaching the listeners: fail-open pods lose their programs
-    // (connects go direct), fail-closed pods are switched to blocking.
-    for e in &mut enrolled {
+    // New connections first stop reaching the listeners: fail-open pods lose their
+    // programs (traffic goes direct), fail-closed pods are switched to refusing.
+    for e in &enrolled {
         if e.spec.fail_mode == FailMode::Closed {
-            let mut blocked = e.kernel_cfg;
-            blocked.flags |= POD_FLAG_BLOCK;
-            if let Err(err) = kernel.pods.set(e.cookie, blocked) {
-                error!(pod = %e.spec.name, error = %err, "cannot switch the pod to blocking");
-            }
+            block(&mut kernel, e);
         }
     }
     let (closed, open): (Vec<_>, Vec<_>) = enrolled
@@ -128,48 +125,68 @@ fn enroll(
 ) -> Result<(Enrolled, Vec<JoinHandle<()>>), RunError> {
     let netns = Netns::open(&spec.netns)?;
     let cookie = netns.cookie()?;
+    let addrs = netns.addresses()?;
     let pod = Arc::new(Pod {
         name: spec.name.clone(),
         id,
         netns,
+        addrs: addrs.clone(),
     });
-    // Listeners exist before any connect can be redirected to them.
-    let listeners = outbound::bind(&pod, cfg.outbound_port)?;
-    let kernel_cfg = KernelPod {
-        pod_id: id,
-        flags: if spec.fail_mode == FailMode::Open {
-            POD_FLAG_FAIL_OPEN
-        } else {
-            0
+    // Listeners exist before any connection can be steered to them.
+    let outbound = pod.bind_loopback(cfg.outbound_port)?;
+    let inbound = pod.bind_loopback(cfg.inbound_port)?;
+    for l in &inbound {
+        let v6 = l.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+        kernel.listeners.set(id, v6, l)?;
+    }
+    let entry = PodEntry {
+        netns_cookie: cookie,
+        config: KernelPod {
+            pod_id: id,
+            flags: if spec.fail_mode == FailMode::Open {
+                POD_FLAG_FAIL_OPEN
+            } else {
+                0
+            },
+            outbound_port: cfg.outbound_port,
+            _pad: [0; 6],
         },
-        outbound_port: cfg.outbound_port,
-        _pad: [0; 6],
+        addrs,
+        outbound_excluded_ports: spec.exclude_ports.clone(),
+        outbound_excluded_cidrs: spec.exclude_cidrs.clone(),
+        inbound_excluded_ports: spec.exclude_inbound_ports.clone(),
+        probe_ports: spec.probe_ports.clone(),
     };
-    kernel
-        .pods
-        .exclude(id, &spec.exclude_ports, &spec.exclude_cidrs)?;
-    kernel.pods.set(cookie, kernel_cfg)?;
+    kernel.pods.install(&entry)?;
     let pin = spec.fail_mode == FailMode::Closed;
-    let (links, replaced) = PodLinks::attach(kernel, &spec.name, &spec.cgroup, &cfg.pin_root, pin)?;
+    let (links, replaced) = PodLinks::attach(
+        kernel,
+        &spec.name,
+        &spec.cgroup,
+        pod.netns.file(),
+        &cfg.pin_root,
+        pin,
+    )?;
     if replaced > 0 {
         info!(pod = %spec.name, replaced, "adopted the pod from a previous agent");
     }
     let cgroup_id = cgroup::id_of(&spec.cgroup)?;
     info!(pod = %spec.name, pod_id = id, netns = %spec.netns.display(), netns_cookie = cookie,
           cgroup = %spec.cgroup.display(), cgroup_id, fail_mode = ?spec.fail_mode,
-          exclude_ports = ?spec.exclude_ports,
+          addrs = ?entry.addrs, exclude_ports = ?spec.exclude_ports,
           exclude_cidrs = ?spec.exclude_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-          listeners = listeners.len(), "pod enrolled");
-    let loops = listeners
+          exclude_inbound_ports = ?spec.exclude_inbound_ports, probe_ports = ?spec.probe_ports,
+          "pod enrolled");
+    let loops = outbound
         .into_iter()
-        .map(|l| tokio::spawn(outbound::serve(l, pod.clone(), shared.clone())))
+        .map(|l| (l, Direction::Outbound))
+        .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)))
+        .map(|(l, d)| tokio::spawn(proxy::serve(l, d, pod.clone(), shared.clone())))
         .collect();
     Ok((
         Enrolled {
             spec: spec.clone(),
-            pod,
-            cookie,
-            kernel_cfg,
+            entry,
             links,
         },
         loops,
@@ -182,49 +199,33 @@ fn release(kernel: &mut Kernel, pods: Vec<Enrolled>) {
         match e.spec.fail_mode {
             FailMode::Open => {
                 e.links.detach();
-                kernel.pods.remove(
-                    e.cookie,
-                    e.pod.id,
-                    &e.spec.exclude_ports,
-                    &e.spec.exclude_cidrs,
-                );
+                kernel.pods.remove(&e.entry);
                 info!(pod = %e.spec.name, "pod released (fail-open): nothing left attached");
             }
             FailMode::Closed => {
-                let mut blocked = e.kernel_cfg;
-                blocked.flags |= POD_FLAG_BLOCK;
-                if let Err(err) = kernel.pods.set(e.cookie, blocked) {
-                    error!(pod = %e.spec.name, error = %err, "cannot switch the pod to blocking");
-                }
+                block(kernel, &e);
                 e.links.leave_pinned();
                 info!(pod = %e.spec.name,
-                      "pod released (fail-closed): its TCP connects are refused until an agent adopts it or `agent uninstall` runs");
+                      "pod released (fail-closed): its TCP connections are refused until an agent adopts it or `agent uninstall` runs");
             }
         }
     }
 }
 
+/// Makes a fail-closed pod's connect programs refuse every TCP connect. (Inbound needs no
+/// switch: once the listeners close, sk_lookup finds no socket and drops.)
+fn block(kernel: &mut Kernel, e: &Enrolled) {
+    let mut blocked = e.entry.config;
+    blocked.flags |= POD_FLAG_BLOCK;
+    if let Err(err) = kernel.pods.set_config(e.entry.netns_cookie, blocked) {
+        error!(pod = %e.spec.name, error = %err, "cannot switch the pod to blocking");
+    }
+}
+
 fn log_counters(kernel: &Kernel) {
-    let counters = kernel.counters.snapshot();
-    let get = |n: &str| {
-        counters
-            .iter()
-            .find(|(k, _)| *k == n)
-            .map_or(0, |(_, v)| *v)
-    };
-    info!(
-        redirected = get("redirected"),
-        excluded_port = get("excluded_port"),
-        excluded_cidr = get("excluded_cidr"),
-        local_destination = get("local_destination"),
-        blocked = get("blocked"),
-        agent_socket = get("agent_socket"),
-        unknown_netns = get("unknown_netns"),
-        orig_recorded = get("orig_recorded"),
-        orig_missing = get("orig_missing"),
-        not_tcp = get("not_tcp"),
-        "kernel counters"
-    );
+    let counters: std::collections::BTreeMap<&str, u64> =
+        kernel.counters.snapshot().into_iter().collect();
+    info!(counters = %serde_json::to_string(&counters).unwrap_or_default(), "kernel counters");
 }
 
 async fn wait_for_signal() -> Result<(), RunError> {

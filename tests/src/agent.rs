@@ -33,37 +33,50 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 
 /// The agent's TOML config for a node, built up pod by pod.
 pub struct AgentConfig {
-    text: String,
+    head: String,
+    pods: String,
 }
 
 impl AgentConfig {
     pub fn new(node: &Node) -> Self {
         AgentConfig {
-            text: format!(
+            head: format!(
                 "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\n",
                 node.pin_root().display()
             ),
+            pods: String::new(),
         }
     }
 
-    pub fn pod(self, pod: &Pod, fail_mode: &str) -> Self {
-        self.pod_with(pod, fail_mode, &[], &[])
+    /// Adds a top-level `key = value` line.
+    pub fn set(mut self, line: &str) -> Self {
+        self.head.push_str(line);
+        self.head.push('\n');
+        self
     }
 
-    pub fn pod_with(mut self, pod: &Pod, fail_mode: &str, ports: &[u16], cidrs: &[&str]) -> Self {
-        self.text.push_str(&format!(
-            "\n[[pod]]\nname = \"{}\"\nnetns = \"{}\"\ncgroup = \"{}\"\nfail_mode = \"{fail_mode}\"\nexclude_ports = {:?}\nexclude_cidrs = {:?}\n",
+    pub fn pod(self, pod: &Pod, fail_mode: &str) -> Self {
+        self.pod_extra(pod, fail_mode, "")
+    }
+
+    pub fn pod_with(self, pod: &Pod, fail_mode: &str, ports: &[u16], cidrs: &[&str]) -> Self {
+        let extra = format!("exclude_ports = {ports:?}\nexclude_cidrs = {cidrs:?}");
+        self.pod_extra(pod, fail_mode, &extra)
+    }
+
+    /// Adds a pod with extra `key = value` lines in its table.
+    pub fn pod_extra(mut self, pod: &Pod, fail_mode: &str, extra: &str) -> Self {
+        self.pods.push_str(&format!(
+            "\n[[pod]]\nname = \"{}\"\nnetns = \"{}\"\ncgroup = \"{}\"\nfail_mode = \"{fail_mode}\"\n{extra}\n",
             pod.name,
             pod.netns_path.display(),
             pod.cgroup.display(),
-            ports,
-            cidrs
         ));
         self
     }
 
-    pub fn text(&self) -> &str {
-        &self.text
+    pub fn text(&self) -> String {
+        format!("{}{}", self.head, self.pods)
     }
 }
 

@@ -12,6 +12,14 @@ use crate::{agent::workspace_bin, node::Pod, proto::Summary};
 /// A `podapp serve` process; killed on drop.
 pub struct Server {
     child: Child,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<crate::proto::ServerView>>>,
+}
+
+impl Server {
+    /// Every connection the application has served so far, as it saw them.
+    pub fn seen(&self) -> Vec<crate::proto::ServerView> {
+        self.seen.lock().unwrap().clone()
+    }
 }
 
 impl Drop for Server {
@@ -57,6 +65,19 @@ impl Pod {
     }
 }
 
+impl crate::Node {
+    /// Runs `podapp client` on the node itself (host namespace, outside every pod): a
+    /// kubelet probe, or any client outside the mesh. Its source is the node's address.
+    pub fn host_client(&self, to: SocketAddr, extra: &[&str]) -> Summary {
+        let mut cmd = Command::new(workspace_bin("podapp"));
+        cmd.arg("client")
+            .arg("--to")
+            .arg(to.to_string())
+            .args(extra);
+        run_client(cmd)
+    }
+}
+
 /// Waits for a spawned client and parses its summary.
 pub fn client_result(child: Child) -> Summary {
     let out = child.wait_with_output().expect("wait podapp client");
@@ -84,14 +105,20 @@ pub fn start_server(mut cmd: Command) -> Server {
     let mut child = cmd.spawn().expect("spawn podapp serve");
     let stdout = child.stdout.take().expect("server stdout");
     let (tx, rx) = std::sync::mpsc::channel();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next().and_then(Result::ok);
         let _ = tx.send(first);
-        for _ in lines {}
+        for line in lines.map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                sink.lock().unwrap().push(v);
+            }
+        }
     });
     match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(Some(l)) if l == "listening" => Server { child },
+        Ok(Some(l)) if l == "listening" => Server { child, seen },
         other => {
             let _ = child.kill();
             panic!("podapp serve did not start: {other:?}");

@@ -17,4 +17,4 @@ mod sys;
 pub use agent::{workspace_bin, Agent, AgentConfig};
 pub use app::{client_result, Server};
 pub use node::{command_in, sweep_stale, Node, Pod};
-pub use sys::{attached_programs, cgroup2_root, require_root};
+pub use sys::{attached_programs, cgroup2_root, netns_links, require_root};

@@ -76,6 +76,23 @@ pub fn attached_programs(cgroup: &Path) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// How many BPF links are attached to the network namespace at `netns` (sk_lookup).
+pub fn netns_links(netns: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(netns)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", netns.display()))
+        .ino();
+    let out = run("bpftool", &["-j", "link", "show"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|l| l["type"] == "netns" && l["netns_ino"].as_u64() == Some(ino))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// A short id unique to this process and moment, for interface and namespace names
 /// (interface names are limited to 15 bytes).
 pub(crate) fn run_id() -> String {

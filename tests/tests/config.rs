@@ -25,12 +25,38 @@ fn run_with(config: &str) -> (Option<i32>, String) {
     )
 }
 
-/// A pod whose netns and cgroup exist on any Linux host, so only the field under test is bad.
-fn pod(extra: &str) -> String {
-    format!(
+/// An empty cgroup v2 directory below the root, removed on drop.
+struct TempCgroup(std::path::PathBuf);
+
+impl TempCgroup {
+    fn new() -> Self {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = cgroup2_root().join(format!("agent-config-test-{}-{n}", std::process::id()));
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("mkdir {}: {e} (needs root)", dir.display()));
+        TempCgroup(dir)
+    }
+}
+
+impl Drop for TempCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Runs the agent with a pod whose netns and cgroup exist, so only the field under test is
+/// bad, and checks the rejection.
+fn assert_pod_rejected(extra: &str, needles: &[&str]) {
+    if !simnode::require_root("config test with a temporary cgroup") {
+        return;
+    }
+    let cg = TempCgroup::new();
+    let config = format!(
         "[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"{}\"\n{extra}\n",
-        cgroup2_root().display()
-    )
+        cg.0.display()
+    );
+    assert_rejected(&config, needles);
 }
 
 fn assert_rejected(config: &str, needles: &[&str]) {
@@ -45,46 +71,48 @@ fn assert_rejected(config: &str, needles: &[&str]) {
 #[test]
 fn unknown_field() {
     assert_rejected(
-        &format!("outbound_port = 15001\nbogus_field = 1\n{}", pod("")),
+        "outbound_port = 15001\nbogus_field = 1\n",
         &["bogus_field", "line 2"],
     );
 }
 
 #[test]
 fn unknown_pod_field() {
-    assert_rejected(&pod("exclude = [1]"), &["exclude", "unknown field"]);
+    assert_pod_rejected("exclude = [1]", &["exclude", "unknown field"]);
 }
 
 #[test]
 fn bad_cidr() {
-    assert_rejected(
-        &pod("exclude_cidrs = [\"10.0.0.0/33\"]"),
+    assert_pod_rejected(
+        "exclude_cidrs = [\"10.0.0.0/33\"]",
         &["pod[0].exclude_cidrs[0]", "10.0.0.0/33", "not a CIDR"],
     );
 }
 
 #[test]
 fn cidr_with_host_bits() {
-    assert_rejected(
-        &pod("exclude_cidrs = [\"10.1.2.3/8\"]"),
+    assert_pod_rejected(
+        "exclude_cidrs = [\"10.1.2.3/8\"]",
         &["pod[0].exclude_cidrs[0]", "host bits", "10.0.0.0/8"],
     );
 }
 
 #[test]
 fn missing_netns() {
+    let cg = TempCgroup::new();
     let config = format!(
         "[[pod]]\nname = \"p\"\nnetns = \"/var/run/netns/no-such-pod-xyz\"\ncgroup = \"{}\"\n",
-        cgroup2_root().display()
+        cg.0.display()
     );
     assert_rejected(&config, &["pod[0].netns", "/var/run/netns/no-such-pod-xyz"]);
 }
 
 #[test]
 fn netns_that_is_not_a_netns() {
+    let cg = TempCgroup::new();
     let config = format!(
         "[[pod]]\nname = \"p\"\nnetns = \"/etc/hostname\"\ncgroup = \"{}\"\n",
-        cgroup2_root().display()
+        cg.0.display()
     );
     assert_rejected(&config, &["pod[0].netns", "not a network namespace"]);
 }
@@ -96,16 +124,33 @@ fn missing_cgroup() {
 }
 
 #[test]
-fn bad_fail_mode_and_port() {
-    assert_rejected(
-        &pod("fail_mode = \"sometimes\""),
-        &["fail_mode", "sometimes"],
-    );
-    assert_rejected(
-        &pod("exclude_ports = [0]"),
+fn bad_fail_mode_and_ports() {
+    assert_pod_rejected("fail_mode = \"sometimes\"", &["fail_mode", "sometimes"]);
+    assert_pod_rejected(
+        "exclude_ports = [0]",
         &["pod[0].exclude_ports[0]", "port 0"],
     );
-    assert_rejected(&pod("exclude_ports = [70000]"), &["exclude_ports", "line"]);
+    assert_pod_rejected("probe_ports = [0]", &["pod[0].probe_ports[0]", "port 0"]);
+    assert_pod_rejected("exclude_ports = [70000]", &["exclude_ports", "line"]);
+}
+
+#[test]
+fn bad_probe_source() {
+    let cg = TempCgroup::new();
+    let config = format!(
+        "probe_sources = [\"10.0.0.300\"]\n[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"{}\"\n",
+        cg.0.display()
+    );
+    assert_rejected(&config, &["probe_sources[0]", "10.0.0.300"]);
+}
+
+#[test]
+fn root_cgroup_is_refused() {
+    let config = format!(
+        "[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"{}\"\n",
+        cgroup2_root().display()
+    );
+    assert_rejected(&config, &["pod[0].cgroup", "root of the cgroup hierarchy"]);
 }
 
 #[test]

@@ -1,82 +1,15 @@
 //! Outbound interception on a simulated node, with the real agent binary and real kernel
 //! programs. Privileged; `cargo xtask test` runs these one at a time.
 
+mod common;
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use serde_json::Value;
-use simnode::{
-    attached_programs, client_result, command_in, proto::ConnResult, require_root, workspace_bin,
-    Agent, AgentConfig, Node, Pod,
-};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-fn node(test: &str, pods: &[&str]) -> Option<Node> {
-    require_root(test).then(|| Node::new(pods))
-}
-
-fn at(pod: &Pod, v6: bool, port: u16) -> SocketAddr {
-    SocketAddr::new(pod.ip(v6), port)
-}
-
-fn sock(s: &str) -> SocketAddr {
-    s.parse()
-        .unwrap_or_else(|e| panic!("not a socket address {s:?}: {e}"))
-}
-
-/// The client socket's own address is on loopback exactly when the kernel redirected it.
-fn redirected(r: &ConnResult) -> bool {
-    sock(&r.local).ip().to_canonical().is_loopback()
-}
-
-fn only(results: &[ConnResult]) -> &ConnResult {
-    assert_eq!(results.len(), 1, "expected one result: {results:?}");
-    let r = &results[0];
-    assert!(r.ok(), "connection failed: {r:?}");
-    r
-}
-
-/// Addresses compared as the kernel means them: `::ffff:a.b.c.d` is `a.b.c.d`.
-fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (sock(a), sock(b));
-    a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
-}
-
-/// Waits for the agent's access record of the connection to `dst` from client `src`.
-fn record(agent: &Agent, src: &str, dst: SocketAddr) -> Value {
-    agent.wait_for(
-        &format!("access record {src} -> {dst}"),
-        |e| {
-            e["target"] == "access"
-                && e["src"].as_str().is_some_and(|s| same(s, src))
-                && e["dst"] == dst.to_string()
-        },
-        WAIT,
-    )
-}
-
-fn records_to(agent: &Agent, dst: SocketAddr) -> usize {
-    agent
-        .access()
-        .iter()
-        .filter(|e| e["dst"] == dst.to_string())
-        .count()
-}
-
-/// The "kernel counters" line the agent logs when it stops.
-fn counter(agent: &Agent, name: &str) -> u64 {
-    let e = agent.wait_for(
-        "kernel counters",
-        |e| e["message"] == "kernel counters",
-        WAIT,
-    );
-    e[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name} in {e}"))
-}
+use common::*;
+use simnode::{attached_programs, client_result, command_in, workspace_bin, Agent, AgentConfig};
 
 #[test]
 fn plain_client_is_intercepted_v4_and_v6() {
@@ -106,7 +39,7 @@ fn plain_client_is_intercepted_v4_and_v6() {
         let rec = record(&agent, &r.local, to);
         assert_eq!(rec["pod"], "a");
         assert_eq!(rec["outcome"], "ok");
-        assert_eq!(sock(rec["upstream_src"].as_str().unwrap()).ip(), a.ip(v6));
+        assert_eq!(sock(rec["via"].as_str().unwrap()).ip(), a.ip(v6));
         let header = simnode::proto::request_line(1000, 2000, 0).len() as u64;
         assert_eq!(rec["bytes_sent"].as_u64(), Some(1000 + header));
         let received = rec["bytes_received"].as_u64().unwrap();

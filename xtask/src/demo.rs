@@ -69,11 +69,12 @@ pub fn run() -> Result<()> {
     }
 
     ensure!(agent.stop().success(), "the agent did not stop cleanly");
-    let counters = agent.wait_for(
+    let event = agent.wait_for(
         "kernel counters",
         |e| e["message"] == "kernel counters",
         std::time::Duration::from_secs(5),
     );
+    let counters: Value = serde_json::from_str(event["counters"].as_str().unwrap_or("{}"))?;
     println!(
         "Kernel counters (per-CPU map, summed): redirected={} excluded_port={} original-destination records={}",
         counters["redirected"], counters["excluded_port"], counters["orig_recorded"]
@@ -106,7 +107,7 @@ fn describe(r: &ConnResult, agent: &Agent, to: SocketAddr) {
         Some(e) => println!(
             "    agent:  intercepted; original destination {}, proxied from {}, {} B up / {} B down, {} ms, outcome {}\n",
             e["dst"].as_str().unwrap_or("?"),
-            e["upstream_src"].as_str().unwrap_or("?"),
+            e["via"].as_str().unwrap_or("?"),
             e["bytes_sent"],
             e["bytes_received"],
             e["duration_ms"],

@@ -2,17 +2,19 @@
 //!
 //! Links are owned by [`PodLinks`]. A BPF link that is not pinned detaches when its last
 //! file descriptor closes, so for a fail-open pod dropping `PodLinks` is the whole
-//! clean-up. A fail-closed pod must keep blocking even after the agent is SIGKILLed, so its
-//! connect links are pinned under `<pin_root>/<pod>/` from the moment they are attached;
-//! they (and the maps their programs hold) outlive the agent until an agent adopts the pod
-//! again or `agent uninstall` removes the pins.
+//! clean-up. A fail-closed pod must keep blocking even after the agent is SIGKILLed, so the
+//! links that block (connect4/6 on its cgroup, sk_lookup on its netns) are pinned under
+//! `<pin_root>/<pod>/` from the moment they are attached; they (and the maps their programs
+//! hold) outlive the agent until an agent adopts the pod again or `agent uninstall` removes
+//! the pins. Without the agent, connect4/6 refuse (or redirect to a closed port) and
+//! sk_lookup finds no listener in its SOCKMAP and drops.
 
 use std::{
     fs::File,
     path::{Path, PathBuf},
 };
 
-use agent_common::{PROG_CONNECT4, PROG_CONNECT6};
+use agent_common::{PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP};
 use aya::programs::{
     links::{FdLink, PinnedLink},
     CgroupAttachMode,
@@ -34,22 +36,25 @@ enum Held {
     Pinned(PinnedLink),
 }
 
-/// The links of one pod's cgroup.
+/// The links of one pod: on its cgroup and on its network namespace.
 pub struct PodLinks {
     dir: PathBuf,
-    connect: Vec<Held>,
+    /// connect4, connect6, sk_lookup: what keeps a fail-closed pod closed.
+    blocking: Vec<Held>,
     sock_ops: Option<FdLink>,
 }
 
 impl PodLinks {
-    /// Attaches connect4, connect6 and sock_ops to `cgroup`. With `pin`, the connect links
-    /// are pinned under `pin_root/pod`. Links a previous agent left pinned for this pod are
-    /// replaced without a gap: the old ones stay attached until the new ones are.
-    /// Returns the links and how many old links were replaced.
+    /// Attaches connect4, connect6 and sock_ops to `cgroup` and sk_lookup to `netns`. With
+    /// `pin`, the blocking links are pinned under `pin_root/pod`. Links a previous agent
+    /// left pinned for this pod are replaced without a gap: the old ones stay attached
+    /// until the new ones are (in between, both run and the old ones may refuse: that
+    /// errs on the closed side). Returns the links and how many old links were replaced.
     pub fn attach(
         kernel: &mut Kernel,
         pod: &PodName,
         cgroup: &Path,
+        netns: &File,
         pin_root: &Path,
         pin: bool,
     ) -> Result<(Self, usize), EbpfError> {
@@ -60,7 +65,16 @@ impl PodLinks {
             ensure_bpffs(pin_root)?;
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        let mut connect = Vec::new();
+        let hold = |name: &str, link: FdLink| -> Result<Held, EbpfError> {
+            if !pin {
+                return Ok(Held::Owned { _link: link });
+            }
+            let path = dir.join(name);
+            link.pin(&path)
+                .map(Held::Pinned)
+                .map_err(|source| EbpfError::Pin { path, source })
+        };
+        let mut blocking = Vec::new();
         for name in [PROG_CONNECT4, PROG_CONNECT6] {
             let prog = kernel.connect_program(name)?;
             let id = prog
@@ -69,17 +83,16 @@ impl PodLinks {
             let link = prog
                 .take_link(id)
                 .map_err(|source| EbpfError::Program { name, source })?;
-            let link = FdLink::try_from(link)?;
-            connect.push(if pin {
-                let path = dir.join(name);
-                Held::Pinned(
-                    link.pin(&path)
-                        .map_err(|source| EbpfError::Pin { path, source })?,
-                )
-            } else {
-                Held::Owned { _link: link }
-            });
+            blocking.push(hold(name, FdLink::try_from(link)?)?);
         }
+        let prog = kernel.sk_lookup_program()?;
+        let program_err = |source| EbpfError::Program {
+            name: PROG_SK_LOOKUP,
+            source,
+        };
+        let id = prog.attach(netns).map_err(program_err)?;
+        let link = prog.take_link(id).map_err(program_err)?;
+        blocking.push(hold(PROG_SK_LOOKUP, FdLink::from(link))?);
         let prog = kernel.sock_ops_program()?;
         let id = prog
             .attach(&cgroup_fd, ATTACH)
@@ -101,7 +114,7 @@ impl PodLinks {
         Ok((
             Self {
                 dir,
-                connect,
+                blocking,
                 sock_ops,
             },
             replaced,
@@ -111,7 +124,7 @@ impl PodLinks {
     /// Detaches everything, pinned or not.
     pub fn detach(mut self) {
         self.sock_ops.take();
-        for held in self.connect.drain(..) {
+        for held in self.blocking.drain(..) {
             if let Held::Pinned(p) = held {
                 if let Err(e) = p.unpin() {
                     warn!(dir = %self.dir.display(), error = %e, "cannot remove a pin");
@@ -125,7 +138,7 @@ impl PodLinks {
     pub fn leave_pinned(mut self) {
         self.sock_ops.take();
         let pinned = self
-            .connect
+            .blocking
             .drain(..)
             .filter(|h| matches!(h, Held::Pinned(_)))
             .count();

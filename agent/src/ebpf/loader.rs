@@ -2,16 +2,18 @@
 
 use agent_common::{
     MAP_AGENT_CGROUPS, MAP_CONNECT_ORIG, MAP_COUNTERS, MAP_EXCLUDED_CIDRS, MAP_EXCLUDED_PORTS,
-    MAP_ORIG_DST, MAP_POD_CONFIG, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS,
+    MAP_INBOUND_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_ORIG_DST, MAP_POD_ADDRS, MAP_POD_CONFIG,
+    MAP_PROBE_PORTS, MAP_PROBE_SOURCES, PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP,
+    PROG_SOCK_OPS,
 };
 use aya::{
-    programs::{CgroupSockAddr, SockOps},
+    programs::{CgroupSockAddr, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use tokio::io::unix::AsyncFd;
 
 use super::{
-    maps::{Counters, OrigDstTable, PodTable},
+    maps::{Counters, InboundListeners, OrigDstTable, PodMaps, PodTable},
     EbpfError,
 };
 
@@ -23,6 +25,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ag
 pub struct Kernel {
     ebpf: Ebpf,
     pub pods: PodTable,
+    pub listeners: InboundListeners,
     pub counters: Counters,
 }
 
@@ -44,12 +47,22 @@ impl Kernel {
             name: PROG_SOCK_OPS,
             source,
         })?;
-        let pods = PodTable::new(
-            take_map(&mut ebpf, MAP_POD_CONFIG)?,
-            take_map(&mut ebpf, MAP_EXCLUDED_PORTS)?,
-            take_map(&mut ebpf, MAP_EXCLUDED_CIDRS)?,
-            take_map(&mut ebpf, MAP_AGENT_CGROUPS)?,
-        )?;
+        let prog: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
+        prog.load().map_err(|source| EbpfError::Program {
+            name: PROG_SK_LOOKUP,
+            source,
+        })?;
+        let pods = PodTable::new(PodMaps {
+            config: take_map(&mut ebpf, MAP_POD_CONFIG)?,
+            out_ports: take_map(&mut ebpf, MAP_EXCLUDED_PORTS)?,
+            out_cidrs: take_map(&mut ebpf, MAP_EXCLUDED_CIDRS)?,
+            agent_cgroups: take_map(&mut ebpf, MAP_AGENT_CGROUPS)?,
+            addrs: take_map(&mut ebpf, MAP_POD_ADDRS)?,
+            in_ports: take_map(&mut ebpf, MAP_INBOUND_EXCLUDED_PORTS)?,
+            probe_ports: take_map(&mut ebpf, MAP_PROBE_PORTS)?,
+            probe_sources: take_map(&mut ebpf, MAP_PROBE_SOURCES)?,
+        })?;
+        let listeners = InboundListeners::new(take_map(&mut ebpf, MAP_INBOUND_LISTENERS)?)?;
         let orig_dst = OrigDstTable::new(take_map(&mut ebpf, MAP_ORIG_DST)?)?;
         // Read only by the kernel programs, but checked here so a renamed map fails at start.
         let _ = ebpf.map(MAP_CONNECT_ORIG).ok_or(EbpfError::Missing {
@@ -61,6 +74,7 @@ impl Kernel {
             Self {
                 ebpf,
                 pods,
+                listeners,
                 counters,
             },
             orig_dst,
@@ -98,6 +112,10 @@ impl Kernel {
 
     pub fn sock_ops_program(&mut self) -> Result<&mut SockOps, EbpfError> {
         program(&mut self.ebpf, PROG_SOCK_OPS)
+    }
+
+    pub fn sk_lookup_program(&mut self) -> Result<&mut SkLookup, EbpfError> {
+        program(&mut self.ebpf, PROG_SK_LOOKUP)
     }
 }
 

@@ -1,14 +1,14 @@
 //! Typed handles to the kernel maps. Layouts come from `agent-common`.
 
-use std::{net::IpAddr, sync::Mutex};
+use std::{net::IpAddr, os::fd::AsRawFd, sync::Mutex};
 
 use agent_common::{
-    v4_mapped, CidrKey, OrigDst, PodConfig, PortKey, SockKey, CIDR_KEY_POD_BITS, COUNTER_NAMES,
-    NUM_COUNTERS,
+    inbound_listener_index, v4_mapped, CidrKey, InboundPod, OrigDst, PodConfig, PortKey, SockKey,
+    CIDR_KEY_POD_BITS, COUNTER_NAMES, NUM_COUNTERS,
 };
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, Map, MapData, MapError, PerCpuArray,
+    HashMap, Map, MapData, MapError, PerCpuArray, SockMap,
 };
 use ipnet::IpNet;
 
@@ -39,26 +39,54 @@ pub fn addr16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-/// Per-pod state in the kernel: configuration and exclusions, plus the agent's cgroups.
+/// Everything the kernel is told about one enrolled pod.
+#[derive(Debug, Clone)]
+pub struct PodEntry {
+    pub netns_cookie: u64,
+    pub config: PodConfig,
+    /// The pod's own addresses: inbound connections to them are steered.
+    pub addrs: Vec<IpAddr>,
+    pub outbound_excluded_ports: Vec<u16>,
+    pub outbound_excluded_cidrs: Vec<IpNet>,
+    pub inbound_excluded_ports: Vec<u16>,
+    pub probe_ports: Vec<u16>,
+}
+
+/// Per-pod state in the kernel, plus the node-wide agent cgroups and probe sources.
 pub struct PodTable {
     config: HashMap<MapData, u64, PodConfig>,
-    ports: HashMap<MapData, PortKey, u32>,
-    cidrs: LpmTrie<MapData, CidrKey, u32>,
+    out_ports: HashMap<MapData, PortKey, u32>,
+    out_cidrs: LpmTrie<MapData, CidrKey, u32>,
     agent_cgroups: HashMap<MapData, u64, u32>,
+    addrs: HashMap<MapData, [u8; 16], InboundPod>,
+    in_ports: HashMap<MapData, PortKey, u32>,
+    probe_ports: HashMap<MapData, PortKey, u32>,
+    probe_sources: HashMap<MapData, [u8; 16], u32>,
+}
+
+/// The maps behind a [`PodTable`], by name.
+pub(super) struct PodMaps {
+    pub config: Named,
+    pub out_ports: Named,
+    pub out_cidrs: Named,
+    pub agent_cgroups: Named,
+    pub addrs: Named,
+    pub in_ports: Named,
+    pub probe_ports: Named,
+    pub probe_sources: Named,
 }
 
 impl PodTable {
-    pub(super) fn new(
-        config: Named,
-        ports: Named,
-        cidrs: Named,
-        agent: Named,
-    ) -> Result<Self, EbpfError> {
+    pub(super) fn new(m: PodMaps) -> Result<Self, EbpfError> {
         Ok(Self {
-            config: typed(config)?,
-            ports: typed(ports)?,
-            cidrs: typed(cidrs)?,
-            agent_cgroups: typed(agent)?,
+            config: typed(m.config)?,
+            out_ports: typed(m.out_ports)?,
+            out_cidrs: typed(m.out_cidrs)?,
+            agent_cgroups: typed(m.agent_cgroups)?,
+            addrs: typed(m.addrs)?,
+            in_ports: typed(m.in_ports)?,
+            probe_ports: typed(m.probe_ports)?,
+            probe_sources: typed(m.probe_sources)?,
         })
     }
 
@@ -68,41 +96,91 @@ impl PodTable {
             .map_err(map_err(agent_common::MAP_AGENT_CGROUPS))
     }
 
-    pub fn set(&mut self, netns_cookie: u64, cfg: PodConfig) -> Result<(), EbpfError> {
+    pub fn add_probe_source(&mut self, ip: IpAddr) -> Result<(), EbpfError> {
+        self.probe_sources
+            .insert(addr16(ip), 1, 0)
+            .map_err(map_err(agent_common::MAP_PROBE_SOURCES))
+    }
+
+    /// Changes only the pod's flags (e.g. to block it when the agent leaves).
+    pub fn set_config(&mut self, netns_cookie: u64, cfg: PodConfig) -> Result<(), EbpfError> {
         self.config
             .insert(netns_cookie, cfg, 0)
             .map_err(map_err(agent_common::MAP_POD_CONFIG))
     }
 
-    pub fn exclude(
-        &mut self,
-        pod_id: u32,
-        ports: &[u16],
-        cidrs: &[IpNet],
-    ) -> Result<(), EbpfError> {
-        for port in ports {
-            self.ports
-                .insert(PortKey::new(pod_id, *port), 1, 0)
+    /// Writes the whole entry; the pod's configuration goes last, so a program never sees
+    /// a pod before its exclusions.
+    pub fn install(&mut self, e: &PodEntry) -> Result<(), EbpfError> {
+        let id = e.config.pod_id;
+        for port in &e.outbound_excluded_ports {
+            self.out_ports
+                .insert(PortKey::new(id, *port), 1, 0)
                 .map_err(map_err(agent_common::MAP_EXCLUDED_PORTS))?;
         }
-        for net in cidrs {
-            self.cidrs
-                .insert(&cidr_key(pod_id, net), 1, 0)
+        for net in &e.outbound_excluded_cidrs {
+            self.out_cidrs
+                .insert(&cidr_key(id, net), 1, 0)
                 .map_err(map_err(agent_common::MAP_EXCLUDED_CIDRS))?;
         }
-        Ok(())
+        for port in &e.inbound_excluded_ports {
+            self.in_ports
+                .insert(PortKey::new(id, *port), 1, 0)
+                .map_err(map_err(agent_common::MAP_INBOUND_EXCLUDED_PORTS))?;
+        }
+        for port in &e.probe_ports {
+            self.probe_ports
+                .insert(PortKey::new(id, *port), 1, 0)
+                .map_err(map_err(agent_common::MAP_PROBE_PORTS))?;
+        }
+        let inbound = InboundPod {
+            pod_id: id,
+            flags: e.config.flags,
+        };
+        for ip in &e.addrs {
+            self.addrs
+                .insert(addr16(*ip), inbound, 0)
+                .map_err(map_err(agent_common::MAP_POD_ADDRS))?;
+        }
+        self.set_config(e.netns_cookie, e.config)
     }
 
-    /// Forgets a pod entirely (its exclusions too).
-    pub fn remove(&mut self, netns_cookie: u64, pod_id: u32, ports: &[u16], cidrs: &[IpNet]) {
-        // Best effort: a missing entry is already what we want.
-        let _ = self.config.remove(&netns_cookie);
-        for port in ports {
-            let _ = self.ports.remove(&PortKey::new(pod_id, *port));
+    /// Forgets a pod entirely. Best effort: a missing entry is already what we want.
+    pub fn remove(&mut self, e: &PodEntry) {
+        let id = e.config.pod_id;
+        let _ = self.config.remove(&e.netns_cookie);
+        for ip in &e.addrs {
+            let _ = self.addrs.remove(&addr16(*ip));
         }
-        for net in cidrs {
-            let _ = self.cidrs.remove(&cidr_key(pod_id, net));
+        for port in &e.outbound_excluded_ports {
+            let _ = self.out_ports.remove(&PortKey::new(id, *port));
         }
+        for net in &e.outbound_excluded_cidrs {
+            let _ = self.out_cidrs.remove(&cidr_key(id, net));
+        }
+        for port in &e.inbound_excluded_ports {
+            let _ = self.in_ports.remove(&PortKey::new(id, *port));
+        }
+        for port in &e.probe_ports {
+            let _ = self.probe_ports.remove(&PortKey::new(id, *port));
+        }
+    }
+}
+
+/// The SOCKMAP through which sk_lookup hands connections to the inbound listeners.
+pub struct InboundListeners {
+    map: SockMap<MapData>,
+}
+
+impl InboundListeners {
+    pub(super) fn new(map: Named) -> Result<Self, EbpfError> {
+        Ok(Self { map: typed(map)? })
+    }
+
+    pub fn set(&mut self, pod_id: u32, v6: bool, listener: &impl AsRawFd) -> Result<(), EbpfError> {
+        self.map
+            .set(inbound_listener_index(pod_id, v6), listener, 0)
+            .map_err(map_err(agent_common::MAP_INBOUND_LISTENERS))
     }
 }
 

@@ -7,7 +7,7 @@ mod maps;
 
 pub use links::{uninstall, PodLinks};
 pub use loader::Kernel;
-pub use maps::{addr16, OrigDstTable};
+pub use maps::{addr16, OrigDstTable, PodEntry};
 
 use std::path::PathBuf;
 

@@ -1,9 +1,11 @@
 //! The userspace proxy: listeners inside each pod's network namespace and the byte pumps.
 
+pub mod inbound;
 pub mod outbound;
 mod pump;
 
 use std::{
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -12,7 +14,10 @@ use std::{
     time::Duration,
 };
 
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::warn;
 
 use crate::{config::PodName, ebpf::OrigDstTable, netns::Netns};
 
@@ -28,12 +33,141 @@ pub enum ProxyError {
     Netns(#[from] crate::netns::NetnsError),
 }
 
+/// Above the default somaxconn of older kernels, so bursts of connects are not dropped.
+const BACKLOG: i32 = 4096;
+
 /// An enrolled pod as the proxy sees it.
 #[derive(Debug)]
 pub struct Pod {
     pub name: PodName,
     pub id: u32,
     pub netns: Netns,
+    /// The pod's own (non-loopback) addresses.
+    pub addrs: Vec<IpAddr>,
+}
+
+impl Pod {
+    /// Binds a listener on `127.0.0.1:port` and `[::1]:port` inside the pod's namespace.
+    /// IPv6 is skipped (with a warning) only when the namespace has no IPv6 loopback at
+    /// all: then no IPv6 connection can happen there either.
+    pub fn bind_loopback(&self, port: u16) -> Result<Vec<std::net::TcpListener>, ProxyError> {
+        let mut out = Vec::new();
+        for addr in loopback_listen_addrs(port) {
+            match self.netns.run(|| listen(addr))? {
+                Ok(l) => out.push(l),
+                Err(e)
+                    if addr.is_ipv6()
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+                        ) =>
+                {
+                    warn!(pod = %self.name, port, error = %e, "no IPv6 loopback in the pod: IPv6 listener skipped");
+                }
+                Err(source) => {
+                    return Err(ProxyError::Listen {
+                        pod: self.name.clone(),
+                        addr,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Connects to `dst` from a socket created inside the pod's namespace (optionally
+    /// bound to `src` first), so it leaves from the pod's own address.
+    pub async fn connect(
+        &self,
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        let sock = self
+            .netns
+            .run(|| -> io::Result<TcpSocket> {
+                let sock = match dst {
+                    SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => TcpSocket::new_v6()?,
+                };
+                if let Some(src) = src {
+                    sock.bind(src)?;
+                }
+                Ok(sock)
+            })
+            .map_err(io::Error::other)??;
+        let stream = match tokio::time::timeout(timeout, sock.connect(dst)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // The IPv4 listener serves IPv4 (and IPv4-mapped) traffic; keep the families apart.
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(BACKLOG)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Which side of the pod a listener serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// Accepts on one listener until `shared.stop_accepting` is cancelled, handing each
+/// connection to its direction's handler as a tracked task.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    direction: Direction,
+    pod: Arc<Pod>,
+    shared: Arc<Shared>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(pod = %pod.name, error = %e, "cannot register listener");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shared.stop_accepting.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let id = shared.next_id();
+                let (pod, shared2) = (pod.clone(), shared.clone());
+                match direction {
+                    Direction::Outbound => shared
+                        .tracker
+                        .spawn(outbound::handle(id, stream, peer, pod, shared2)),
+                    Direction::Inbound => shared
+                        .tracker
+                        .spawn(inbound::handle(id, stream, peer, pod, shared2)),
+                };
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(pod = %pod.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// State shared by every connection task.
@@ -71,4 +205,51 @@ pub fn loopback_listen_addrs(port: u16) -> [SocketAddr; 2] {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
         SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
     ]
+}
+
+/// Reset rather than close, so the peer sees a failed connection instead of an empty
+/// successful one.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+fn local_addr_string(stream: &TcpStream) -> String {
+    stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
+/// The access-log line of a connection that was proxied. `via` is the agent's own end of
+/// the second leg (upstream source for outbound, the source towards the app for inbound).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one flat access record; a struct would only rename the same fields"
+)]
+fn log_close(
+    id: u64,
+    pod: &Pod,
+    direction: &'static str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    via: &str,
+    start: std::time::Instant,
+    transfer: Option<pump::Transfer>,
+) {
+    let duration_ms = start.elapsed().as_millis() as u64;
+    match transfer {
+        Some(t) => {
+            let outcome = if t.error.is_some() { "error" } else { "ok" };
+            let error = t.error.map(|e| e.to_string()).unwrap_or_default();
+            tracing::info!(target: "access", conn = id, pod = %pod.name, direction, src = %src,
+                  dst = %dst, via = %via, bytes_sent = t.sent,
+                  bytes_received = t.received, duration_ms, outcome, error = %error,
+                  "connection closed");
+        }
+        None => {
+            warn!(target: "access", conn = id, pod = %pod.name, direction, src = %src,
+                  dst = %dst, via = %via, duration_ms,
+                  outcome = "aborted_at_shutdown", "connection cut: drain deadline passed");
+        }
+    }
 }

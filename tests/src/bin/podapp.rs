@@ -104,6 +104,8 @@ async fn serve_one(s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
         got,
         sha,
     };
+    // One line per connection on stdout: what the application itself saw.
+    println!("{}", serde_json::to_string(&view).unwrap_or_default());
     let mut s = r.into_inner();
     s.write_all(proto::response_line(&view).as_bytes()).await?;
     write_pattern(&mut s, seed.wrapping_add(1), reply).await?;

@@ -1,0 +1,93 @@
+//! `steer_inbound` (sk_lookup on each enrolled pod's network namespace): hands new TCP
+//! connections to the pod's addresses to the agent's inbound listener, keeping the original
+//! local address, so the proxy learns the application port from `getsockname()` without any
+//! port change or DNAT.
+
+use core::ptr::{addr_of, read_volatile};
+
+use agent_common::{
+    inbound_listener_index, v4_mapped, PortKey, AGENT_APP_SRC4, AGENT_APP_SRC6,
+    COUNTER_INBOUND_AGENT_TO_APP, COUNTER_INBOUND_EXCLUDED, COUNTER_INBOUND_NO_LISTENER,
+    COUNTER_INBOUND_PROBE, COUNTER_INBOUND_STEERED, POD_FLAG_FAIL_OPEN,
+};
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+
+use crate::{
+    maps::{
+        bump, INBOUND_EXCLUDED_PORTS, INBOUND_LISTENERS, POD_ADDRS, PROBE_PORTS, PROBE_SOURCES,
+    },
+    words_to_bytes, AF_INET, IPPROTO_TCP,
+};
+
+/// sk_lookup verdicts.
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+
+#[sk_lookup]
+pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+    match try_steer_inbound(&ctx) {
+        SK_DROP => SK_DROP,
+        _ => SK_PASS,
+    }
+}
+
+#[inline(always)]
+fn try_steer_inbound(ctx: &SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY (all context reads below): `l` is the context the kernel passed; fields are
+    // read with 4-byte volatile loads, the widest the verifier accepts for them.
+    let protocol = unsafe { read_volatile(addr_of!((*l).protocol)) };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let v4 = unsafe { read_volatile(addr_of!((*l).family)) } == AF_INET;
+    let (local, remote) = if v4 {
+        // IPv4 addresses are in network byte order: in-memory bytes are the octets.
+        let local = unsafe { read_volatile(addr_of!((*l).local_ip4)) }.to_ne_bytes();
+        let remote = unsafe { read_volatile(addr_of!((*l).remote_ip4)) }.to_ne_bytes();
+        (v4_mapped(local), v4_mapped(remote))
+    } else {
+        let (mut lw, mut rw) = ([0u32; 4], [0u32; 4]);
+        for i in 0..4 {
+            lw[i] = unsafe { read_volatile(addr_of!((*l).local_ip6[i])) };
+            rw[i] = unsafe { read_volatile(addr_of!((*l).remote_ip6[i])) };
+        }
+        (words_to_bytes(lw), words_to_bytes(rw))
+    };
+    // Only the pod's own addresses are steered; loopback and anything unknown pass.
+    let Some(pod) = POD_ADDRS.get_ptr(local) else {
+        return SK_PASS;
+    };
+    // SAFETY: map value pointer valid for this program run.
+    let pod = unsafe { *pod };
+    // local_port is in host byte order.
+    let port = unsafe { read_volatile(addr_of!((*l).local_port)) } as u16;
+    // The agent's own connection to the application must reach it, not loop back.
+    if remote == v4_mapped(AGENT_APP_SRC4) || remote == AGENT_APP_SRC6 {
+        bump(COUNTER_INBOUND_AGENT_TO_APP);
+        return SK_PASS;
+    }
+    let key = PortKey::new(pod.pod_id, port);
+    if INBOUND_EXCLUDED_PORTS.get_ptr(key).is_some() {
+        bump(COUNTER_INBOUND_EXCLUDED);
+        return SK_PASS;
+    }
+    // Health probes: plaintext, only from a node address, only to a declared probe port.
+    if PROBE_PORTS.get_ptr(key).is_some() && PROBE_SOURCES.get_ptr(remote).is_some() {
+        bump(COUNTER_INBOUND_PROBE);
+        return SK_PASS;
+    }
+    let index = inbound_listener_index(pod.pod_id, !v4);
+    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, index, 0).is_ok() {
+        bump(COUNTER_INBOUND_STEERED);
+        return SK_PASS;
+    }
+    // No listener: the agent is not (or no longer) running. A listener socket leaves the
+    // SOCKMAP when it closes, so this holds even after SIGKILL.
+    bump(COUNTER_INBOUND_NO_LISTENER);
+    if pod.flags & POD_FLAG_FAIL_OPEN != 0 {
+        SK_PASS
+    } else {
+        SK_DROP
+    }
+}
