@@ -93,6 +93,33 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     #[serde(default, rename = "pod")]
     pub pods: Vec<PodFile>,
+    /// Destinations inside these networks must answer mutual TLS.
+    #[serde(default)]
+    pub mesh_networks: Vec<String>,
+    /// Known workloads: the identity each address must present.
+    #[serde(default, rename = "workload")]
+    pub workloads: Vec<WorkloadFile>,
+    /// How long inbound waits for a client's first bytes to tell TLS from plaintext.
+    pub protocol_detect_timeout_ms: Option<u64>,
+}
+
+/// One `[[workload]]` table: an address and the SPIFFE ID it must present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadFile {
+    pub address: String,
+    pub identity: String,
+}
+
+/// What inbound accepts besides mutual TLS from the mesh.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Plaintext (and foreign TLS) is refused; outbound to the mesh must be mTLS.
+    Strict,
+    /// Plaintext is forwarded, marked unauthenticated.
+    #[default]
+    Permissive,
 }
 
 /// One `[[pod]]` table of the config file.
@@ -114,6 +141,12 @@ pub struct PodFile {
     /// Ports that health probes from `probe_sources` reach directly, in plaintext.
     #[serde(default)]
     pub probe_ports: Vec<u16>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// The pod's SVID: certificate chain, private key and trust bundle (PEM files).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub bundle: Option<PathBuf>,
 }
 
 /// A pod given on the command line: `name=N,netns=PATH,cgroup=PATH[,fail_mode=open]`.
@@ -149,6 +182,10 @@ impl FromStr for PodFlag {
             exclude_cidrs: Vec::new(),
             exclude_inbound_ports: Vec::new(),
             probe_ports: Vec::new(),
+            mode: Mode::default(),
+            cert: None,
+            key: None,
+            bundle: None,
         }))
     }
 }
@@ -192,6 +229,10 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub pods: Vec<PodConfig>,
+    pub mesh_networks: Vec<IpNet>,
+    pub workloads: Vec<(IpAddr, String)>,
+    #[serde(with = "millis")]
+    pub protocol_detect_timeout: Duration,
 }
 
 /// A validated pod.
@@ -205,6 +246,8 @@ pub struct PodConfig {
     pub exclude_cidrs: Vec<IpNet>,
     pub exclude_inbound_ports: Vec<u16>,
     pub probe_ports: Vec<u16>,
+    pub mode: Mode,
+    pub identity: Option<crate::identity::IdentityFiles>,
 }
 
 /// A pod name that is safe to use as a path component.
@@ -365,7 +408,29 @@ impl Config {
                 "no pod to enroll: add a [[pod]] table to the config file or pass --pod",
             ));
         }
+        let mut mesh_networks = Vec::new();
+        for (i, text) in file.mesh_networks.iter().enumerate() {
+            mesh_networks
+                .push(parse_cidr(text).map_err(|r| invalid(format!("mesh_networks[{i}]"), r))?);
+        }
+        let mut workloads = Vec::new();
+        for (i, w) in file.workloads.iter().enumerate() {
+            let ip = IpAddr::from_str(&w.address).map_err(|e| {
+                invalid(
+                    format!("workload[{i}].address"),
+                    format!("`{}` is not an IP address: {e}", w.address),
+                )
+            })?;
+            crate::identity::SpiffeId::parse(&w.identity)
+                .map_err(|r| invalid(format!("workload[{i}].identity"), r))?;
+            workloads.push((ip, w.identity.clone()));
+        }
         Ok(Config {
+            mesh_networks,
+            workloads,
+            protocol_detect_timeout: Duration::from_millis(
+                file.protocol_detect_timeout_ms.unwrap_or(1000),
+            ),
             outbound_port,
             inbound_port,
             probe_sources,
@@ -395,6 +460,24 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
             ));
         }
     }
+    let identity = match (pod.cert, pod.key, pod.bundle) {
+        (Some(cert), Some(key), Some(bundle)) => {
+            Some(crate::identity::IdentityFiles { cert, key, bundle })
+        }
+        (None, None, None) => None,
+        _ => {
+            return Err(invalid(
+                field.to_string(),
+                "cert, key and bundle go together: give all three or none",
+            ))
+        }
+    };
+    if pod.mode == Mode::Strict && identity.is_none() {
+        return Err(invalid(
+            format!("{field}.mode"),
+            "strict needs an identity: set cert, key and bundle",
+        ));
+    }
     let mut cidrs = Vec::new();
     for (j, text) in pod.exclude_cidrs.iter().enumerate() {
         cidrs
@@ -409,6 +492,8 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
         exclude_cidrs: cidrs,
         exclude_inbound_ports: pod.exclude_inbound_ports,
         probe_ports: pod.probe_ports,
+        mode: pod.mode,
+        identity,
     })
 }
 

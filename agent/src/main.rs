@@ -1,12 +1,15 @@
 //! `agent`: the node agent and its command line, in one binary.
 
+mod ca;
 mod cgroup;
 mod config;
 mod ebpf;
+mod identity;
 mod netns;
 mod proxy;
 mod run;
 mod telemetry;
+mod tls;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -24,6 +27,9 @@ enum Cmd {
     /// Enroll pods and proxy their outbound TCP connections.
     Run(config::RunArgs),
     /// Remove everything a stopped agent left pinned in the kernel (fail-closed pods).
+    /// A development CA and SPIFFE SVIDs (for demos and tests).
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
     Uninstall {
         #[arg(long, env = "AGENT_PIN_ROOT", default_value = config::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
@@ -63,6 +69,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Ca(cmd) => match ca::run(cmd) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("agent ca: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Uninstall { pin_root, pod } => match ebpf::uninstall(&pin_root, pod.as_deref()) {
             Ok(removed) if removed.is_empty() => {
                 println!("nothing pinned under {}", pin_root.display());

@@ -14,8 +14,9 @@ use crate::{
     cgroup,
     config::{Config, FailMode, PodConfig},
     ebpf::{EbpfError, Kernel, PodEntry, PodLinks},
+    identity::IdentityStore,
     netns::Netns,
-    proxy::{self, Direction, Pod, ProxyError, Shared},
+    proxy::{self, Direction, Pod, PodTls, ProxyError, Shared},
     telemetry,
 };
 
@@ -27,6 +28,16 @@ pub enum RunError {
     Proxy(#[from] ProxyError),
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
+    #[error("pod {pod}: identity: {source}")]
+    Identity {
+        pod: crate::config::PodName,
+        source: crate::identity::IdentityError,
+    },
+    #[error("pod {pod}: cannot watch the identity files: {source}")]
+    Watch {
+        pod: crate::config::PodName,
+        source: notify::Error,
+    },
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
     #[error("cannot install signal handlers: {0}")]
@@ -38,6 +49,8 @@ struct Enrolled {
     spec: PodConfig,
     entry: PodEntry,
     links: PodLinks,
+    /// Keeps the identity files watched while the pod is enrolled.
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 pub async fn run(cfg: Config) -> Result<(), RunError> {
@@ -51,11 +64,22 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         kernel.pods.add_probe_source(*ip)?;
     }
 
-    let shared = Shared::new(orig_dst, cfg.connect_timeout);
+    let shared = Shared::new(
+        orig_dst,
+        cfg.connect_timeout,
+        cfg.protocol_detect_timeout,
+        cfg.mesh_networks.clone(),
+    );
+    let expected: crate::tls::Expected = Arc::new(
+        cfg.workloads
+            .iter()
+            .filter_map(|(ip, id)| Some((*ip, crate::identity::SpiffeId::parse(id).ok()?)))
+            .collect(),
+    );
     let mut enrolled = Vec::new();
     let mut accept_loops = Vec::new();
     for (i, spec) in cfg.pods.iter().enumerate() {
-        match enroll(&mut kernel, &cfg, spec, i as u32 + 1, &shared) {
+        match enroll(&mut kernel, &cfg, spec, i as u32 + 1, &shared, &expected) {
             Ok((e, loops)) => {
                 enrolled.push(e);
                 accept_loops.extend(loops);
@@ -112,6 +136,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     }
     release(&mut kernel, closed);
     log_counters(&kernel);
+    info!(counters = %serde_json::to_string(&shared.counters()).unwrap_or_default(), "proxy counters");
     info!("agent stopped");
     Ok(())
 }
@@ -122,7 +147,30 @@ fn enroll(
     spec: &PodConfig,
     id: u32,
     shared: &Arc<Shared>,
+    expected: &crate::tls::Expected,
 ) -> Result<(Enrolled, Vec<JoinHandle<()>>), RunError> {
+    let (tls, watcher) = match &spec.identity {
+        Some(files) => {
+            let store =
+                IdentityStore::load(spec.name.clone(), files.clone()).map_err(|source| {
+                    RunError::Identity {
+                        pod: spec.name.clone(),
+                        source,
+                    }
+                })?;
+            let watcher = store.watch().map_err(|source| RunError::Watch {
+                pod: spec.name.clone(),
+                source,
+            })?;
+            let tls = PodTls {
+                server: crate::tls::server_config(store.clone()),
+                client: crate::tls::client_config(store.clone(), expected.clone()),
+                store,
+            };
+            (Some(tls), Some(watcher))
+        }
+        None => (None, None),
+    };
     let netns = Netns::open(&spec.netns)?;
     let cookie = netns.cookie()?;
     let addrs = netns.addresses()?;
@@ -131,6 +179,8 @@ fn enroll(
         id,
         netns,
         addrs: addrs.clone(),
+        mode: spec.mode,
+        tls,
     });
     // Listeners exist before any connection can be steered to them.
     let outbound = pod.bind_loopback(cfg.outbound_port)?;
@@ -188,6 +238,7 @@ fn enroll(
             spec: spec.clone(),
             entry,
             links,
+            _watcher: watcher,
         },
         loops,
     ))

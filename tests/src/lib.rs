@@ -10,7 +10,9 @@
 
 pub mod agent;
 pub mod app;
+pub mod capture;
 mod node;
+pub mod pki;
 pub mod proto;
 mod sys;
 

@@ -21,6 +21,7 @@ pub struct Node {
     subnet: u8,
     cgroup: PathBuf,
     pin_root: PathBuf,
+    tmp: PathBuf,
     pods: Vec<Pod>,
 }
 
@@ -42,6 +43,7 @@ impl Node {
         let bridge = format!("snb{id}");
         let cgroup = cgroup2_root().join(format!("simnode-{id}"));
         let pin_root = PathBuf::from(format!("/sys/fs/bpf/simnode-{id}"));
+        let tmp = std::env::temp_dir().join(format!("simnode-{id}"));
         // From here on, Drop cleans up whatever was created, even if a later step panics.
         let mut node = Node {
             id,
@@ -49,8 +51,10 @@ impl Node {
             subnet,
             cgroup,
             pin_root,
+            tmp,
             pods: Vec::new(),
         };
+        std::fs::create_dir_all(&node.tmp).expect("create the node's temp directory");
         ensure_bpffs();
         std::fs::create_dir(&node.cgroup)
             .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", node.cgroup.display()));
@@ -95,6 +99,11 @@ impl Node {
     /// A bpffs directory private to this node, for the agent's pins.
     pub fn pin_root(&self) -> &Path {
         &self.pin_root
+    }
+
+    /// A scratch directory for this node's files (certificates, configs); removed on drop.
+    pub fn tmp(&self) -> &Path {
+        &self.tmp
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -157,6 +166,7 @@ impl Drop for Node {
         run_quiet("ip", &["link", "del", &self.bridge]);
         remove_cgroup_tree(&self.cgroup);
         remove_pins(&self.pin_root);
+        let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }
 

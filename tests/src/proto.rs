@@ -1,7 +1,7 @@
 //! The tiny protocol spoken by `podapp` (the test application) and read by the tests.
 //!
 //! A client sends `SEND <n> REPLY <m> SEED <s>\n`, then `n` pattern bytes, then half-closes
-//! its side. The server reads to EOF, then answers with one line
+//! its side. The server reads the `n` bytes, then answers with one line
 //! `OK peer=<addr> local=<addr> got=<n> sha=<hex>\n` followed by `m` pattern bytes, and
 //! closes. So every exchange checks the bytes both ways and exercises half-close.
 

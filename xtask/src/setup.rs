@@ -13,7 +13,13 @@ const MIN_KERNEL: (u32, u32) = (5, 15);
 /// Debian's Rust toolchain that ships the `core` sources (for -Z build-std).
 const RUST_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src"];
 /// Runtime and test tools.
-const TOOL_PACKAGES: &[&str] = &["bpftool", "iproute2", "zlib1g-dev", "libzstd-dev"];
+const TOOL_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "openssl",
+];
 pub const EBPF_TOOLCHAIN: &str = "bpf-debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

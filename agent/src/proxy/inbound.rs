@@ -8,14 +8,15 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Instant,
 };
 
 use agent_common::{AGENT_APP_SRC4, AGENT_APP_SRC6};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
-use super::{pump::pump, Pod, Shared};
+use super::{pump::pump, Access, Pod, Shared};
+use crate::config::Mode;
 
 /// The address the agent's connection to the application leaves from (port chosen by the
 /// kernel).
@@ -27,6 +28,63 @@ fn app_source(dst: &SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
+/// What a new inbound connection turned out to be.
+enum Detected {
+    /// A TLS ClientHello offering the agent's ALPN: another agent.
+    AgentTls,
+    /// Anything else that sent bytes: plaintext, or the application's own TLS.
+    Other,
+    /// Nothing arrived in time (a server-speaks-first protocol, or an idle client).
+    Silent,
+    Closed,
+}
+
+/// Peeks (never consumes) until the first bytes tell what the client speaks.
+async fn detect(stream: &TcpStream, timeout: std::time::Duration) -> Detected {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Err(_) => return Detected::Silent,
+            Ok(Err(_)) | Ok(Ok(0)) => return Detected::Closed,
+            Ok(Ok(n)) => n,
+        };
+        // 0x16: a TLS handshake record.
+        if buf[0] != 0x16 {
+            return Detected::Other;
+        }
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut rd = &buf[..n];
+        while !rd.is_empty() {
+            if acceptor.read_tls(&mut rd).is_err() {
+                return Detected::Other;
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let ours = accepted
+                    .client_hello()
+                    .alpn()
+                    .is_some_and(|mut protos| protos.any(|p| p == crate::tls::ALPN));
+                return if ours {
+                    Detected::AgentTls
+                } else {
+                    Detected::Other
+                };
+            }
+            Ok(None) if n < buf.len() => {
+                // The ClientHello is still arriving; peek returns at once while any byte
+                // is queued, so wait a little before looking again.
+                if tokio::time::Instant::now() >= deadline {
+                    return Detected::Silent;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            _ => return Detected::Other,
+        }
+    }
+}
+
 pub(super) async fn handle(
     id: u64,
     client: TcpStream,
@@ -34,7 +92,7 @@ pub(super) async fn handle(
     pod: Arc<Pod>,
     shared: Arc<Shared>,
 ) {
-    let start = Instant::now();
+    let mut log = Access::new(id, &pod, "inbound", peer);
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(e) => {
@@ -42,30 +100,90 @@ pub(super) async fn handle(
             return;
         }
     };
+    log.dst = Some(dst);
     if !pod.addrs.contains(&dst.ip()) {
         // Only sk_lookup-steered traffic has a pod address here; something dialed the
         // listener's own loopback port directly.
-        warn!(target: "access", conn = id, pod = %pod.name, direction = "inbound", src = %peer,
-              dst = %dst, outcome = "not_steered", "connection refused: not addressed to the pod");
+        log.refused(
+            "not_steered",
+            "not_a_pod_address",
+            &"not addressed to the pod",
+        );
         return;
     }
+    let detected = detect(&client, shared.detect_timeout).await;
+    match (detected, &pod.tls) {
+        (Detected::Closed, _) => {
+            log.refused("closed_early", "client_closed", &"closed before sending")
+        }
+        (Detected::AgentTls, Some(tls)) => {
+            let accept = tokio::time::timeout(
+                shared.connect_timeout,
+                TlsAcceptor::from(tls.server.clone()).accept(client),
+            );
+            let stream = match accept.await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let reason = super::tls_reason(&e);
+                    shared.count(format!("inbound_handshake_failed_{reason}"));
+                    log.refused("tls_handshake_failed", reason, &e);
+                    return;
+                }
+                Err(_) => {
+                    shared.count("inbound_handshake_failed_timeout");
+                    log.refused("tls_handshake_failed", "timeout", &"handshake timed out");
+                    return;
+                }
+            };
+            log.tls_peer(stream.get_ref().1.peer_certificates());
+            forward(&mut log, stream, &pod, &shared).await;
+        }
+        (Detected::AgentTls, None) => {
+            shared.count("inbound_tls_without_identity");
+            super::reset(&client);
+            log.refused(
+                "refused",
+                "no_identity",
+                &"mutual TLS offered but the pod has no identity",
+            );
+        }
+        (Detected::Other | Detected::Silent, _) if pod.mode == Mode::Strict => {
+            shared.count("inbound_plaintext_refused");
+            super::reset(&client);
+            log.refused(
+                "refused",
+                "plaintext_in_strict_mode",
+                &"STRICT: only mutual TLS from the mesh is accepted",
+            );
+        }
+        (Detected::Other | Detected::Silent, _) => {
+            shared.count("inbound_plaintext_accepted");
+            log.peer_identity = "unauthenticated".into();
+            forward(&mut log, client, &pod, &shared).await;
+        }
+    }
+}
+
+/// Connects to the application and pumps.
+async fn forward<S>(log: &mut Access<'_>, client: S, pod: &Pod, shared: &Shared)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let dst = log.dst.expect("set before forwarding");
     let app = match pod
         .connect(Some(app_source(&dst)), dst, shared.connect_timeout)
         .await
     {
         Ok(a) => a,
         Err(e) => {
-            super::reset(&client);
-            warn!(target: "access", conn = id, pod = %pod.name, direction = "inbound", src = %peer,
-                  dst = %dst, duration_ms = start.elapsed().as_millis() as u64,
-                  outcome = "app_connect_failed", error = %e, "connection closed");
+            log.refused("app_connect_failed", "connect", &e);
             return;
         }
     };
-    let app_src = super::local_addr_string(&app);
+    log.via = super::local_addr_string(&app);
     let transfer = tokio::select! {
         t = pump(client, app) => Some(t),
         _ = shared.abort.cancelled() => None,
     };
-    super::log_close(id, &pod, "inbound", peer, dst, &app_src, start, transfer);
+    log.closed(transfer);
 }

@@ -19,7 +19,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::warn;
 
-use crate::{config::PodName, ebpf::OrigDstTable, netns::Netns};
+use crate::{
+    config::{Mode, PodName},
+    ebpf::OrigDstTable,
+    identity::IdentityStore,
+    netns::Netns,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -44,6 +49,25 @@ pub struct Pod {
     pub netns: Netns,
     /// The pod's own (non-loopback) addresses.
     pub addrs: Vec<IpAddr>,
+    pub mode: Mode,
+    /// Present when the pod has an identity: it then speaks mutual TLS with the mesh.
+    pub tls: Option<PodTls>,
+}
+
+/// A pod's identity and the rustls configurations built on it (which read the identity
+/// anew for every handshake, so rotation needs no rebuild).
+pub struct PodTls {
+    pub store: Arc<IdentityStore>,
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for PodTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodTls")
+            .field("store", &self.store)
+            .finish()
+    }
 }
 
 impl Pod {
@@ -174,6 +198,12 @@ pub async fn serve(
 pub struct Shared {
     pub orig_dst: OrigDstTable,
     pub connect_timeout: Duration,
+    /// How long inbound waits for a client's first bytes.
+    pub detect_timeout: Duration,
+    /// Destinations here must answer mutual TLS.
+    pub mesh_networks: Vec<ipnet::IpNet>,
+    /// Event counters of the proxy (handshake failures by reason, refusals, downgrades).
+    counters: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Cancelled on SIGTERM: listeners stop accepting.
     pub stop_accepting: CancellationToken,
     /// Cancelled when the drain deadline passes: open connections are cut.
@@ -183,10 +213,18 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(orig_dst: OrigDstTable, connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        orig_dst: OrigDstTable,
+        connect_timeout: Duration,
+        detect_timeout: Duration,
+        mesh_networks: Vec<ipnet::IpNet>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             orig_dst,
             connect_timeout,
+            detect_timeout,
+            mesh_networks,
+            counters: Default::default(),
             stop_accepting: CancellationToken::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -196,6 +234,23 @@ impl Shared {
 
     pub fn next_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn count(&self, name: impl Into<String>) {
+        let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        *c.entry(name.into()).or_default() += 1;
+    }
+
+    pub fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn in_mesh(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.mesh_networks.iter().any(|n| n.contains(&ip))
     }
 }
 
@@ -220,36 +275,95 @@ fn local_addr_string(stream: &TcpStream) -> String {
         .unwrap_or_default()
 }
 
-/// The access-log line of a connection that was proxied. `via` is the agent's own end of
-/// the second leg (upstream source for outbound, the source towards the app for inbound).
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one flat access record; a struct would only rename the same fields"
-)]
-fn log_close(
-    id: u64,
-    pod: &Pod,
-    direction: &'static str,
-    src: SocketAddr,
-    dst: SocketAddr,
-    via: &str,
-    start: std::time::Instant,
-    transfer: Option<pump::Transfer>,
-) {
-    let duration_ms = start.elapsed().as_millis() as u64;
-    match transfer {
-        Some(t) => {
-            let outcome = if t.error.is_some() { "error" } else { "ok" };
-            let error = t.error.map(|e| e.to_string()).unwrap_or_default();
-            tracing::info!(target: "access", conn = id, pod = %pod.name, direction, src = %src,
-                  dst = %dst, via = %via, bytes_sent = t.sent,
-                  bytes_received = t.received, duration_ms, outcome, error = %error,
-                  "connection closed");
-        }
-        None => {
-            warn!(target: "access", conn = id, pod = %pod.name, direction, src = %src,
-                  dst = %dst, via = %via, duration_ms,
-                  outcome = "aborted_at_shutdown", "connection cut: drain deadline passed");
+/// One connection's access record, filled in as it goes and logged once at the end.
+pub(crate) struct Access<'a> {
+    pub id: u64,
+    pub pod: &'a Pod,
+    pub direction: &'static str,
+    pub src: SocketAddr,
+    pub dst: Option<SocketAddr>,
+    /// The agent's own end of the second leg (upstream source outbound, source towards the
+    /// application inbound).
+    pub via: String,
+    /// "mtls" or "none".
+    pub tls: &'static str,
+    /// The peer's verified SPIFFE ID, or "unauthenticated".
+    pub peer_identity: String,
+    /// The serial number of the certificate the peer presented.
+    pub peer_serial: String,
+    pub start: std::time::Instant,
+}
+
+impl<'a> Access<'a> {
+    pub fn new(id: u64, pod: &'a Pod, direction: &'static str, src: SocketAddr) -> Self {
+        Self {
+            id,
+            pod,
+            direction,
+            src,
+            dst: None,
+            via: String::new(),
+            tls: "none",
+            peer_identity: String::new(),
+            peer_serial: String::new(),
+            start: std::time::Instant::now(),
         }
     }
+
+    fn dst(&self) -> String {
+        self.dst.map(|d| d.to_string()).unwrap_or_default()
+    }
+
+    /// The connection ended before any byte was proxied.
+    pub fn refused(&self, outcome: &str, reason: &str, error: &dyn std::fmt::Display) {
+        warn!(target: "access", conn = self.id, pod = %self.pod.name, direction = self.direction,
+              src = %self.src, dst = %self.dst(), tls = self.tls, peer_identity = %self.peer_identity,
+              duration_ms = self.start.elapsed().as_millis() as u64, outcome, reason,
+              error = %error, "connection refused");
+    }
+
+    /// The connection was proxied; `None` means it was cut at the drain deadline.
+    pub fn closed(&self, transfer: Option<pump::Transfer>) {
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        let Some(t) = transfer else {
+            warn!(target: "access", conn = self.id, pod = %self.pod.name, direction = self.direction,
+                  src = %self.src, dst = %self.dst(), via = %self.via, tls = self.tls,
+                  peer_identity = %self.peer_identity, duration_ms,
+                  outcome = "aborted_at_shutdown", "connection cut: drain deadline passed");
+            return;
+        };
+        let outcome = if t.error.is_some() { "error" } else { "ok" };
+        let error = t.error.map(|e| e.to_string()).unwrap_or_default();
+        tracing::info!(target: "access", conn = self.id, pod = %self.pod.name,
+              direction = self.direction, src = %self.src, dst = %self.dst(), via = %self.via,
+              tls = self.tls, peer_identity = %self.peer_identity,
+              peer_serial = %self.peer_serial, bytes_sent = t.sent,
+              bytes_received = t.received, duration_ms, outcome, error = %error,
+              "connection closed");
+    }
+}
+
+impl Access<'_> {
+    /// Records the verified peer of an established TLS connection.
+    pub fn tls_peer(&mut self, certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) {
+        self.tls = "mtls";
+        if let Some(leaf) = certs.and_then(|c| c.first()) {
+            self.peer_identity = crate::identity::spiffe_id_of(leaf)
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            self.peer_serial = crate::identity::serial_of(leaf);
+        }
+    }
+}
+
+/// The rustls error inside an I/O error from tokio-rustls, as a short reason.
+pub(crate) fn tls_reason(e: &io::Error) -> &'static str {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .map(crate::tls::reason)
+        .unwrap_or(match e.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => "peer_closed",
+            io::ErrorKind::TimedOut => "timeout",
+            _ => "handshake_failed",
+        })
 }

@@ -8,14 +8,15 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Instant,
 };
 
 use agent_common::{OrigDst, SockKey};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tracing::warn;
 
-use super::{pump::pump, Pod, Shared};
+use super::{pump::pump, Access, Pod, Shared};
 use crate::ebpf::addr16;
 
 fn orig_addr(orig: &OrigDst) -> SocketAddr {
@@ -35,42 +36,75 @@ pub(super) async fn handle(
     pod: Arc<Pod>,
     shared: Arc<Shared>,
 ) {
-    let start = Instant::now();
+    let mut log = Access::new(id, &pod, "outbound", peer);
     let key = SockKey::new(pod.id, addr16(peer.ip()), peer.port());
     let Some(orig) = shared.orig_dst.take(&key) else {
-        warn!(target: "access", conn = id, pod = %pod.name, direction = "outbound", src = %peer,
-              outcome = "no_original_destination",
-              "connection refused: it was not redirected by the kernel (a direct connect to the agent's port?)");
+        log.refused(
+            "no_original_destination",
+            "not_redirected",
+            &"not redirected by the kernel (a direct connect to the agent's port?)",
+        );
         return;
     };
     let dst = orig_addr(&orig);
+    log.dst = Some(dst);
     // No source: the kernel picks the pod's own address. The socket is the agent's (its
     // cgroup), so the pod's connect programs leave it alone.
     let upstream = match pod.connect(None, dst, shared.connect_timeout).await {
         Ok(u) => u,
         Err(e) => {
             super::reset(&client);
-            warn!(target: "access", conn = id, pod = %pod.name, direction = "outbound", src = %peer,
-                  dst = %dst, duration_ms = start.elapsed().as_millis() as u64,
-                  outcome = "upstream_connect_failed", error = %e, "connection closed");
+            log.refused("upstream_connect_failed", "connect", &e);
             return;
         }
     };
-    let upstream_src = super::local_addr_string(&upstream);
-    let transfer = tokio::select! {
-        t = pump(client, upstream) => Some(t),
-        _ = shared.abort.cancelled() => None,
+    log.via = super::local_addr_string(&upstream);
+    let in_mesh = shared.in_mesh(dst.ip());
+    let transfer = match (&pod.tls, in_mesh) {
+        (Some(tls), true) => {
+            let connector = TlsConnector::from(tls.client.clone());
+            let name = ServerName::IpAddress(dst.ip().to_canonical().into());
+            let handshake =
+                tokio::time::timeout(shared.connect_timeout, connector.connect(name, upstream));
+            let stream = match handshake.await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return handshake_failed(&shared, &log, &client, &e),
+                Err(_) => {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "TLS handshake timed out",
+                    );
+                    return handshake_failed(&shared, &log, &client, &e);
+                }
+            };
+            log.tls_peer(stream.get_ref().1.peer_certificates());
+            tokio::select! {
+                t = pump(client, stream) => Some(t),
+                _ = shared.abort.cancelled() => None,
+            }
+        }
+        (tls, _) => {
+            if in_mesh {
+                // Never silent: a mesh destination reached in clear is logged and counted.
+                debug_assert!(tls.is_none());
+                shared.count("outbound_plaintext_to_mesh");
+                warn!(pod = %pod.name, dst = %dst,
+                      "plaintext to a mesh destination: the pod has no identity (set cert, key, bundle)");
+            }
+            tokio::select! {
+                t = pump(client, upstream) => Some(t),
+                _ = shared.abort.cancelled() => None,
+            }
+        }
     };
-    super::log_close(
-        id,
-        &pod,
-        "outbound",
-        peer,
-        dst,
-        &upstream_src,
-        start,
-        transfer,
-    );
+    log.closed(transfer);
+}
+
+fn handshake_failed(shared: &Shared, log: &Access<'_>, client: &TcpStream, e: &std::io::Error) {
+    let reason = super::tls_reason(e);
+    shared.count(format!("outbound_handshake_failed_{reason}"));
+    super::reset(client);
+    log.refused("tls_handshake_failed", reason, e);
 }
 
 #[cfg(test)]

@@ -1,12 +1,9 @@
-//! Copies bytes both ways between two TCP streams, propagating half-close, and counts them
-//! even when one side fails (the access log wants the numbers in every outcome).
+//! Copies bytes both ways between two streams (TCP or TLS), propagating half-close, and
+//! counts them even when one side fails (the access log wants the numbers in every outcome).
 
 use std::io;
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Large enough that a bulk transfer is not syscall-bound, small enough for many idle
 /// connections (each direction allocates its buffer only while it runs).
@@ -14,29 +11,32 @@ const BUF: usize = 64 * 1024;
 
 #[derive(Debug, Default)]
 pub struct Transfer {
-    /// Client to upstream.
+    /// From the connection's initiator to the other side.
     pub sent: u64,
-    /// Upstream to client.
+    /// Back to the initiator.
     pub received: u64,
     /// The first error seen, if any.
     pub error: Option<io::Error>,
 }
 
-/// Runs until both directions have finished.
-pub async fn pump(client: TcpStream, upstream: TcpStream) -> Transfer {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut ur, mut uw) = upstream.into_split();
-    let (up, down) = tokio::join!(one_way(&mut cr, &mut uw), one_way(&mut ur, &mut cw));
-    let mut t = Transfer {
+/// Runs until both directions have finished. `initiator` is the side that connected.
+pub async fn pump<A, B>(initiator: A, other: B) -> Transfer
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ar, mut aw) = tokio::io::split(initiator);
+    let (mut br, mut bw) = tokio::io::split(other);
+    let (up, down) = tokio::join!(one_way(&mut ar, &mut bw), one_way(&mut br, &mut aw));
+    Transfer {
         sent: up.0,
         received: down.0,
-        error: None,
-    };
-    t.error = up.1.or(down.1);
-    t
+        error: up.1.or(down.1),
+    }
 }
 
-/// Copies until EOF, then shuts down the writer so the peer sees our half-close.
+/// Copies until EOF, then shuts down the writer so the peer sees our half-close (for TLS,
+/// a close_notify followed by the TCP FIN).
 async fn one_way<R, W>(r: &mut R, w: &mut W) -> (u64, Option<io::Error>)
 where
     R: AsyncRead + Unpin,
@@ -67,7 +67,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     /// A client that half-closes still receives the whole reply through the pump.
     #[tokio::test]

@@ -94,10 +94,12 @@ async fn serve_one(s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).await?;
-    let Some((_, reply, seed)) = proto::parse_request(&line) else {
+    let Some((send, reply, seed)) = proto::parse_request(&line) else {
         return Ok(());
     };
-    let (got, sha) = drain_hashed(&mut r).await?;
+    // Exactly the announced bytes: clients that half-close and clients that cannot (an
+    // `openssl s_client`) both get their answer.
+    let (got, sha) = drain_hashed(&mut (&mut r).take(send)).await?;
     let view = ServerView {
         peer: peer.to_string(),
         local: local.to_string(),
@@ -166,7 +168,7 @@ async fn client(args: &[String]) {
     let concurrency: usize = arg(args, "--concurrency").unwrap_or(1).max(1);
     let mut summary = Summary::default();
     let mut done = 0;
-    let mut seed = 1u64;
+    let mut seed: u64 = arg(args, "--seed").unwrap_or(1);
     while done < count {
         let batch = concurrency.min(count - done);
         let barrier = Arc::new(Barrier::new(batch));

@@ -1,0 +1,343 @@
+//! SPIFFE identities: X.509-SVIDs loaded from PEM files (chain, key, trust bundle), kept
+//! current by a file watcher, and handed to rustls for every new handshake.
+//!
+//! A reload that fails (missing file, not PEM, key that does not match the certificate, no
+//! SPIFFE ID) is rejected with the file and the reason, and the previous identity keeps
+//! serving: new handshakes never see a half-written or broken identity.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
+    time::Duration,
+};
+
+use rustls::{
+    client::ResolvesClientCert,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+    SignatureScheme,
+};
+use rustls_pki_types::TrustAnchor;
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use tracing::{error, info, warn};
+
+use crate::config::PodName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{key}: the private key does not match the certificate in {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> IdentityError {
+    IdentityError::Invalid {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// `spiffe://<trust-domain>/<path>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId(String);
+
+impl SpiffeId {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| format!("`{s}` is not a SPIFFE ID (must start with spiffe://)"))?;
+        let td = rest.split('/').next().unwrap_or("");
+        let td_ok = !td.is_empty()
+            && td
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        if !td_ok {
+            return Err(format!(
+                "`{s}`: the trust domain must be lowercase letters, digits, '-', '.', '_'"
+            ));
+        }
+        if rest.contains("//") || rest.ends_with('/') || rest.contains(['?', '#']) {
+            return Err(format!("`{s}`: malformed path"));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        self.0["spiffe://".len()..].split('/').next().unwrap_or("")
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The one SPIFFE ID in a certificate's URI SANs.
+pub fn spiffe_id_of(cert: &[u8]) -> Result<SpiffeId, String> {
+    let (_, x) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| format!("not a certificate: {e}"))?;
+    let san = x
+        .subject_alternative_name()
+        .map_err(|e| format!("bad SAN extension: {e}"))?
+        .ok_or("the certificate has no subjectAltName, so no SPIFFE ID")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => SpiffeId::parse(one),
+        [] => Err("the certificate has no spiffe:// URI SAN".into()),
+        _ => Err("the certificate has more than one SPIFFE ID".into()),
+    }
+}
+
+/// A certificate's serial number as upper-case hex, written the way `openssl x509 -serial`
+/// prints it, so operators can match the two.
+pub fn serial_of(cert: &[u8]) -> String {
+    let Ok((_, x)) = x509_parser::parse_x509_certificate(cert) else {
+        return String::new();
+    };
+    let raw = x.raw_serial();
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    raw[start..].iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// Where a pod's identity lives on disk.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+}
+
+/// A loaded, consistent identity.
+pub struct Identity {
+    pub spiffe_id: SpiffeId,
+    pub certified: Arc<CertifiedKey>,
+    pub anchors: Vec<TrustAnchor<'static>>,
+    pub not_after: i64,
+    pub serial: String,
+    pub issuer: String,
+}
+
+impl Identity {
+    pub fn load(files: &IdentityFiles) -> Result<Self, IdentityError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| IdentityError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let chain_pem = read(&files.cert)?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid(&files.cert, format!("not PEM certificates: {e}")))?;
+        if chain.is_empty() {
+            return Err(invalid(
+                &files.cert,
+                "no CERTIFICATE block: is this a PEM certificate file?",
+            ));
+        }
+        let key_pem = read(&files.key)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| invalid(&files.key, format!("no PEM private key: {e}")))?;
+        let bundle_pem = read(&files.bundle)?;
+        let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bundle_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid(&files.bundle, format!("not PEM certificates: {e}")))?;
+        if bundle.is_empty() {
+            return Err(invalid(
+                &files.bundle,
+                "no CERTIFICATE block: the trust bundle is empty",
+            ));
+        }
+        let anchors = bundle
+            .iter()
+            .map(|c| {
+                webpki::anchor_from_trusted_cert(c)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| invalid(&files.bundle, format!("unusable CA certificate: {e:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let spiffe_id = spiffe_id_of(&chain[0]).map_err(|r| invalid(&files.cert, r))?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0])
+            .map_err(|e| invalid(&files.cert, format!("not a certificate: {e}")))?;
+        let not_after = leaf.validity().not_after.timestamp();
+        let serial = serial_of(&chain[0]);
+        let issuer = leaf.issuer().to_string();
+        let certified =
+            CertifiedKey::from_der(chain, key, &crate::tls::provider()).map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => IdentityError::KeyMismatch {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                },
+                other => invalid(&files.key, format!("unusable private key: {other}")),
+            })?;
+        warn_if_key_readable(&files.key);
+        Ok(Self {
+            spiffe_id,
+            certified: Arc::new(certified),
+            anchors,
+            not_after,
+            serial,
+            issuer,
+        })
+    }
+}
+
+fn warn_if_key_readable(key: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(key) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            warn!(key = %key.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                  "private key file is readable by group or others; it should be 0600");
+        }
+    }
+}
+
+/// The identity a pod presents now; swapped atomically on rotation.
+pub struct IdentityStore {
+    pod: PodName,
+    files: IdentityFiles,
+    current: RwLock<Arc<Identity>>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl std::fmt::Debug for IdentityStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityStore")
+            .field("pod", &self.pod)
+            .finish()
+    }
+}
+
+impl IdentityStore {
+    pub fn load(pod: PodName, files: IdentityFiles) -> Result<Arc<Self>, IdentityError> {
+        let id = Identity::load(&files)?;
+        info!(pod = %pod, spiffe_id = %id.spiffe_id, serial = %id.serial, not_after = id.not_after,
+              issuer = %id.issuer, "identity loaded");
+        Ok(Arc::new(Self {
+            pod,
+            files,
+            current: RwLock::new(Arc::new(id)),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Identity> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Loads the files again; on failure the previous identity stays in force.
+    pub fn reload(&self) {
+        match Identity::load(&self.files) {
+            Ok(id) => {
+                let changed = self.current().serial != id.serial;
+                if changed {
+                    info!(pod = %self.pod, spiffe_id = %id.spiffe_id, serial = %id.serial,
+                          not_after = id.not_after, "identity rotated: new handshakes use the new certificate");
+                }
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(id);
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                error!(pod = %self.pod, error = %e, "identity reload rejected; the previous identity keeps serving");
+            }
+        }
+    }
+
+    /// Watches the directories of the identity files (Secrets and cert-manager replace
+    /// files by renaming or swapping symlinks, which a watch on the file itself misses) and
+    /// reloads after changes settle. The watcher lives as long as the returned handle.
+    pub fn watch(self: &Arc<Self>) -> Result<notify::RecommendedWatcher, notify::Error> {
+        use notify::{RecursiveMode, Watcher};
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if ev.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.send(());
+            }
+        })?;
+        let mut dirs: Vec<&Path> = [&self.files.cert, &self.files.key, &self.files.bundle]
+            .iter()
+            .filter_map(|p| p.parent())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for d in dirs {
+            watcher.watch(d, RecursiveMode::NonRecursive)?;
+        }
+        let store = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name(format!("identity-{}", self.pod))
+            .spawn(move || {
+                // Debounce: writers replace cert and key in separate steps.
+                while rx.recv().is_ok() {
+                    std::thread::sleep(Duration::from_millis(150));
+                    while rx.try_recv().is_ok() {}
+                    let Some(store) = store.upgrade() else { return };
+                    store.reload();
+                }
+            })
+            .map_err(|e| notify::Error::generic(&e.to_string()))?;
+        Ok(watcher)
+    }
+}
+
+impl ResolvesServerCert for IdentityStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current().certified.clone())
+    }
+}
+
+impl ResolvesClientCert for IdentityStore {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids() {
+        let id = SpiffeId::parse("spiffe://example.org/ns/a/sa/b").unwrap();
+        assert_eq!(id.trust_domain(), "example.org");
+        assert!(SpiffeId::parse("https://example.org/x").is_err());
+        assert!(SpiffeId::parse("spiffe://Example.org/x").is_err());
+        assert!(SpiffeId::parse("spiffe:///x").is_err());
+        assert!(SpiffeId::parse("spiffe://td/a//b").is_err());
+    }
+}
