@@ -1,13 +1,14 @@
-//! `cargo xtask demo`: a two-pod simulated node, the agent intercepting the client pod's
-//! traffic, and a plain account of what happened.
+//! `cargo xtask demo`: a two-pod simulated node, both pods enrolled with SPIFFE identities,
+//! and a plain account of what the agent did with each connection.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{ensure, Result};
 use serde_json::Value;
-use simnode::{proto::ConnResult, Agent, AgentConfig, Node};
+use simnode::{pki::DevCa, proto::ConnResult, Agent, AgentConfig, Node};
 
 const EXCLUDED_PORT: u16 = 9100;
+const TD: &str = "spiffe://demo.local/ns/default/sa";
 
 pub fn sweep_stale() {
     for what in simnode::sweep_stale() {
@@ -24,23 +25,40 @@ pub fn run() -> Result<()> {
         node.id
     );
     for p in [client, server] {
-        println!(
-            "  pod {:<7} {} / {}   cgroup {}",
-            p.name,
-            p.ip4,
-            p.ip6,
-            p.cgroup.display()
-        );
+        println!("  pod {:<7} {} / {}", p.name, p.ip4, p.ip6);
     }
     let _srv = server.serve(&[8080, EXCLUDED_PORT]);
-    println!("  a plain TCP server runs in pod `server` on ports 8080 and {EXCLUDED_PORT}");
+    println!(
+        "  a plain TCP server (no TLS code) runs in pod `server` on ports 8080 and {EXCLUDED_PORT}"
+    );
 
-    let cfg = AgentConfig::new(&node).pod_with(client, "open", &[EXCLUDED_PORT], &[]);
+    let ca = DevCa::named(&node.tmp().join("ca"), "demo.local");
+    let ids = [
+        ca.issue(&format!("{TD}/client"), &node.tmp().join("client"), false),
+        ca.issue(&format!("{TD}/server"), &node.tmp().join("server"), false),
+    ];
+    println!("  `agent ca` issued SVIDs {TD}/client and {TD}/server");
+
+    let cfg = AgentConfig::new(&node)
+        .set("mesh_networks = [\"10.213.0.0/16\", \"fd00:213::/32\"]")
+        .pod_extra(
+            client,
+            "open",
+            &format!("exclude_ports = [{EXCLUDED_PORT}]\n{}", ids[0].toml()),
+        )
+        .pod_extra(
+            server,
+            "closed",
+            &format!(
+                "mode = \"strict\"\nexclude_inbound_ports = [{EXCLUDED_PORT}]\n{}",
+                ids[1].toml()
+            ),
+        );
     let mut agent = Agent::start(&cfg);
     println!(
-        "\nAgent started: eBPF connect4/connect6/sock_ops attached to pod `client`'s cgroup,\n\
-         outbound listener on 127.0.0.1:15001 and [::1]:15001 inside the pod, port {EXCLUDED_PORT} excluded.\n\
-         The client application is unmodified: it dials the server's real address.\n"
+        "\nAgent started. Per pod: connect4/connect6/sock_ops on its cgroup (outbound), sk_lookup on\n\
+         its netns (inbound), listeners inside the pod. Pod `server` is STRICT: only mutual TLS.\n\
+         Port {EXCLUDED_PORT} is excluded on both sides. The applications are unmodified.\n"
     );
 
     let cases: [(&str, SocketAddr, &[&str]); 3] = [
@@ -63,26 +81,56 @@ pub fn run() -> Result<()> {
     for (i, (label, to, args)) in cases.iter().enumerate() {
         let summary = client.client(*to, args);
         ensure!(summary.results.len() == 1, "client printed no result");
-        let r = &summary.results[0];
         println!("[{}] app in pod `client` dials {to} ({label})", i + 1);
-        describe(r, &agent, *to);
+        describe(&summary.results[0], &agent, *to);
+    }
+    let to = SocketAddr::new(server.ip(false), 8080);
+    let outsider = node.host_client(to, &[]);
+    println!("[4] a plaintext client on the node itself (outside the mesh) dials {to}");
+    match outsider.results.first().and_then(|r| r.error.as_ref()) {
+        Some(e) => println!("    app:    failed, as it should: {e}"),
+        None => println!("    app:    UNEXPECTEDLY SUCCEEDED"),
+    }
+    if let Some(e) = find(&agent, |e| {
+        e["pod"] == "server" && e["outcome"] == "refused"
+    }) {
+        println!(
+            "    agent:  refused at pod `server`: {}\n",
+            e["reason"].as_str().unwrap_or("?")
+        );
     }
 
     ensure!(agent.stop().success(), "the agent did not stop cleanly");
     let event = agent.wait_for(
         "kernel counters",
         |e| e["message"] == "kernel counters",
-        std::time::Duration::from_secs(5),
+        Duration::from_secs(5),
     );
     let counters: Value = serde_json::from_str(event["counters"].as_str().unwrap_or("{}"))?;
     println!(
-        "Kernel counters (per-CPU map, summed): redirected={} excluded_port={} original-destination records={}",
-        counters["redirected"], counters["excluded_port"], counters["orig_recorded"]
+        "Kernel counters (per-CPU maps): connects redirected={} excluded={}, inbound steered={} excluded={}",
+        counters["redirected"], counters["excluded_port"], counters["inbound_steered"], counters["inbound_excluded"]
     );
-    println!("Agent stopped on SIGTERM: drained, detached its programs (the pod is fail-open).");
+    println!(
+        "Agent stopped on SIGTERM: drained; `client` (fail-open) has nothing attached, `server`"
+    );
+    println!("(fail-closed) keeps only its blocking programs pinned. Removing those now.");
     drop(node);
-    println!("Node torn down: namespaces, veths, bridge, cgroups removed.\n");
+    println!("Node torn down: pins, namespaces, veths, bridge, cgroups removed.\n");
     Ok(())
+}
+
+fn find(agent: &Agent, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(e) = agent.access().into_iter().find(|e| pred(e)) {
+            return Some(e);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn describe(r: &ConnResult, agent: &Agent, to: SocketAddr) {
@@ -93,42 +141,47 @@ fn describe(r: &ConnResult, agent: &Agent, to: SocketAddr) {
     };
     match &r.error {
         Some(e) => println!("    app:    FAILED: {e}"),
-        None => println!("    app:    ok, {verified}; its socket is {}", r.local),
+        None => println!("    app:    ok, {verified}; its own socket is {}", r.local),
     }
     if let Some(s) = &r.server {
-        println!(
-            "    server: saw the connection from {} and {} bytes",
-            s.peer, s.got
-        );
+        println!("    server: saw {} bytes from {}", s.got, s.peer);
     }
     let local: Option<SocketAddr> = r.local.parse().ok();
-    let rec = local.and_then(|l| wait_record(agent, l, to));
-    match rec {
-        Some(e) => println!(
-            "    agent:  intercepted; original destination {}, proxied from {}, {} B up / {} B down, {} ms, outcome {}\n",
-            e["dst"].as_str().unwrap_or("?"),
-            e["via"].as_str().unwrap_or("?"),
-            e["bytes_sent"],
-            e["bytes_received"],
-            e["duration_ms"],
-            e["outcome"].as_str().unwrap_or("?")
-        ),
-        None => println!("    agent:  not involved (went direct, as configured)\n"),
-    }
-}
-
-/// The access record of this connection, if the agent proxied it.
-fn wait_record(agent: &Agent, local: SocketAddr, to: SocketAddr) -> Option<Value> {
-    if !local.ip().to_canonical().is_loopback() {
-        return None;
-    }
-    let matches = |e: &Value| {
-        e["target"] == "access"
-            && e["dst"] == to.to_string()
-            && e["src"]
-                .as_str()
-                .and_then(|s| s.parse::<SocketAddr>().ok())
-                .is_some_and(|s| s.port() == local.port())
+    let redirected = local.is_some_and(|l| l.ip().to_canonical().is_loopback());
+    let out = redirected
+        .then(|| {
+            find(agent, |e| {
+                e["direction"] == "outbound"
+                    && e["dst"] == to.to_string()
+                    && e["src"]
+                        .as_str()
+                        .and_then(|s| s.parse::<SocketAddr>().ok())
+                        .map(|s| s.port())
+                        == local.map(|l| l.port())
+            })
+        })
+        .flatten();
+    let Some(out) = out else {
+        println!("    agent:  not involved (went direct, as configured)\n");
+        return;
     };
-    Some(agent.wait_for("access record", matches, std::time::Duration::from_secs(10)))
+    println!(
+        "    client side: intercepted by connect(); original destination {}; {} to {}",
+        out["dst"].as_str().unwrap_or("?"),
+        out["tls"].as_str().unwrap_or("?"),
+        out["peer_identity"].as_str().unwrap_or("?"),
+    );
+    let via = out["via"].clone();
+    if let Some(inb) = find(agent, |e| e["direction"] == "inbound" && e["src"] == via) {
+        println!(
+            "    server side: steered by sk_lookup; {} from {}; to the app from {}; {} B in, {} B out, {} ms",
+            inb["tls"].as_str().unwrap_or("?"),
+            inb["peer_identity"].as_str().unwrap_or("?"),
+            inb["via"].as_str().unwrap_or("?"),
+            inb["bytes_sent"],
+            inb["bytes_received"],
+            inb["duration_ms"],
+        );
+    }
+    println!();
 }
