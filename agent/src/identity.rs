@@ -196,6 +196,14 @@ impl Identity {
                 other => invalid(&files.key, format!("unusable private key: {other}")),
             })?;
         warn_if_key_readable(&files.key);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if not_after <= now {
+            warn!(cert = %files.cert.display(), spiffe_id = %spiffe_id, not_after,
+                  "the certificate has expired: peers will reject this pod until it is renewed");
+        }
         Ok(Self {
             spiffe_id,
             certified: Arc::new(certified),

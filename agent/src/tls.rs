@@ -109,6 +109,9 @@ pub fn reason(e: &Error) -> &'static str {
         },
         Error::AlertReceived(_) => "rejected_by_peer",
         Error::NoApplicationProtocol => "no_alpn",
+        Error::InvalidMessage(_)
+        | Error::InappropriateMessage { .. }
+        | Error::InappropriateHandshakeMessage { .. } => "not_tls",
         _ => "handshake_failed",
     }
 }

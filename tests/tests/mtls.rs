@@ -452,3 +452,41 @@ fn bad_identity_files_stop_the_agent_at_start_with_the_reason() {
         );
     }
 }
+
+#[test]
+fn outbound_to_a_mesh_destination_without_mtls_fails_in_strict_and_downgrades_loudly_in_permissive()
+{
+    let Some(node) = node("outbound_strict_vs_permissive", &["s", "p", "c"]) else {
+        return;
+    };
+    let (s, p, c) = (node.pod("s"), node.pod("p"), node.pod("c"));
+    let ca = DevCa::new(&node.tmp().join("ca"));
+    let ss = ca.issue(&id("s"), &node.tmp().join("s"), false);
+    let sp = ca.issue(&id("p"), &node.tmp().join("p"), false);
+    // Pod c is inside the mesh networks but not enrolled: it answers only plaintext.
+    let _srv = c.serve(&[8080]);
+    let cfg = mesh(&node)
+        .pod_extra(s, "open", &format!("mode = \"strict\"\n{}", ss.toml()))
+        .pod_extra(p, "open", &format!("mode = \"permissive\"\n{}", sp.toml()));
+    let mut agent = Agent::start(&cfg);
+    let to = at(c, false, 8080);
+    assert_eq!(s.client(to, &[]).ok, 0, "STRICT sent plaintext to the mesh");
+    let r = access(&agent, "s", "outbound", |_| true);
+    assert_eq!(r["outcome"], "tls_handshake_failed", "{r}");
+    let r = p.client(to, &[]);
+    assert!(one(&r).ok(), "PERMISSIVE did not fall back: {r:?}");
+    let rec = access(&agent, "p", "outbound", |e| e["outcome"] == "ok");
+    assert_eq!(rec["tls"], "none");
+    agent.wait_for(
+        "downgrade warning",
+        |e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("downgraded to plaintext"))
+                && e["pod"] == "p"
+        },
+        WAIT,
+    );
+    assert!(agent.stop().success());
+    assert_eq!(proxy_counter(&agent, "outbound_downgraded_to_plaintext"), 1);
+}

@@ -17,6 +17,11 @@ use tokio_rustls::TlsConnector;
 use tracing::warn;
 
 use super::{pump::pump, Access, Pod, Shared};
+use crate::config::Mode;
+
+/// Handshake failures that mean "the peer does not speak our TLS" rather than "the peer's
+/// identity is wrong".
+const NOT_SPEAKING_TLS: &[&str] = &["peer_closed", "timeout", "not_tls", "no_alpn"];
 use crate::ebpf::addr16;
 
 fn orig_addr(orig: &OrigDst) -> SocketAddr {
@@ -66,21 +71,42 @@ pub(super) async fn handle(
             let name = ServerName::IpAddress(dst.ip().to_canonical().into());
             let handshake =
                 tokio::time::timeout(shared.connect_timeout, connector.connect(name, upstream));
-            let stream = match handshake.await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return handshake_failed(&shared, &log, &client, &e),
+            let err = match handshake.await {
+                Ok(Ok(stream)) => {
+                    log.tls_peer(stream.get_ref().1.peer_certificates());
+                    let transfer = tokio::select! {
+                        t = pump(client, stream) => Some(t),
+                        _ = shared.abort.cancelled() => None,
+                    };
+                    return log.closed(transfer);
+                }
+                Ok(Err(e)) => e,
                 Err(_) => {
-                    let e = std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "TLS handshake timed out",
-                    );
-                    return handshake_failed(&shared, &log, &client, &e);
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
                 }
             };
-            log.tls_peer(stream.get_ref().1.peer_certificates());
-            tokio::select! {
-                t = pump(client, stream) => Some(t),
-                _ = shared.abort.cancelled() => None,
+            let reason = super::tls_reason(&err);
+            // PERMISSIVE may fall back to plaintext when the peer simply does not speak
+            // mutual TLS; a peer that spoke TLS and failed verification never gets one.
+            if pod.mode == Mode::Permissive && NOT_SPEAKING_TLS.contains(&reason) {
+                shared.count("outbound_downgraded_to_plaintext");
+                warn!(pod = %pod.name, dst = %dst, reason,
+                      "downgraded to plaintext: the mesh destination did not answer mutual TLS (PERMISSIVE)");
+                match pod.connect(None, dst, shared.connect_timeout).await {
+                    Ok(plain) => {
+                        log.via = super::local_addr_string(&plain);
+                        tokio::select! {
+                            t = pump(client, plain) => Some(t),
+                            _ = shared.abort.cancelled() => None,
+                        }
+                    }
+                    Err(e) => {
+                        super::reset(&client);
+                        return log.refused("upstream_connect_failed", "connect", &e);
+                    }
+                }
+            } else {
+                return handshake_failed(&shared, &log, &client, &err);
             }
         }
         (tls, _) => {
