@@ -69,6 +69,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         cfg.connect_timeout,
         cfg.protocol_detect_timeout,
         cfg.mesh_networks.clone(),
+        cfg.workloads
+            .iter()
+            .map(|(ip, _)| ip.to_canonical())
+            .collect(),
     );
     let expected: crate::tls::Expected = Arc::new(
         cfg.workloads

@@ -4,7 +4,7 @@ mod demo;
 mod setup;
 mod sh;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -57,8 +57,9 @@ fn build_bins() -> Result<()> {
 fn test() -> Result<()> {
     setup::run()?;
     demo::sweep_stale();
-    sh::run("cargo", &["fmt", "--all", "--", "--check"])?;
-    sh::run("cargo", LINT)?;
+    sh::run("cargo", &["fmt", "--all", "--", "--check"])
+        .context("formatting differs: run `cargo fmt --all`")?;
+    sh::run("cargo", LINT).context("clippy found problems (shown above)")?;
     build_bins()?;
     // The privileged tests share the kernel (cgroup attachments, bpffs, CPU): one at a time.
     let (passed, failed) = sh::cargo_test(&[

@@ -202,6 +202,8 @@ pub struct Shared {
     pub detect_timeout: Duration,
     /// Destinations here must answer mutual TLS.
     pub mesh_networks: Vec<ipnet::IpNet>,
+    /// Known workloads' addresses: in the mesh wherever they are.
+    pub known: std::collections::HashSet<IpAddr>,
     /// Event counters of the proxy (handshake failures by reason, refusals, downgrades).
     counters: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Cancelled on SIGTERM: listeners stop accepting.
@@ -218,12 +220,14 @@ impl Shared {
         connect_timeout: Duration,
         detect_timeout: Duration,
         mesh_networks: Vec<ipnet::IpNet>,
+        known: std::collections::HashSet<IpAddr>,
     ) -> Arc<Self> {
         Arc::new(Self {
             orig_dst,
             connect_timeout,
             detect_timeout,
             mesh_networks,
+            known,
             counters: Default::default(),
             stop_accepting: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -250,7 +254,7 @@ impl Shared {
 
     pub fn in_mesh(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.mesh_networks.iter().any(|n| n.contains(&ip))
+        self.known.contains(&ip) || self.mesh_networks.iter().any(|n| n.contains(&ip))
     }
 }
 
