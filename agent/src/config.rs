@@ -101,6 +101,8 @@ pub struct FileConfig {
     pub workloads: Vec<WorkloadFile>,
     /// How long inbound waits for a client's first bytes to tell TLS from plaintext.
     pub protocol_detect_timeout_ms: Option<u64>,
+    /// The policy of pods that name none (without one, such pods deny all inbound).
+    pub default_policy: Option<PathBuf>,
 }
 
 /// One `[[workload]]` table: an address and the SPIFFE ID it must present.
@@ -147,6 +149,8 @@ pub struct PodFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub bundle: Option<PathBuf>,
+    /// The pod's authorization policy (YAML).
+    pub policy: Option<PathBuf>,
 }
 
 /// A pod given on the command line: `name=N,netns=PATH,cgroup=PATH[,fail_mode=open]`.
@@ -186,6 +190,7 @@ impl FromStr for PodFlag {
             cert: None,
             key: None,
             bundle: None,
+            policy: None,
         }))
     }
 }
@@ -248,6 +253,8 @@ pub struct PodConfig {
     pub probe_ports: Vec<u16>,
     pub mode: Mode,
     pub identity: Option<crate::identity::IdentityFiles>,
+    /// The pod's own policy, else the node's default policy, else none (deny all).
+    pub policy: Option<PathBuf>,
 }
 
 /// A pod name that is safe to use as a path component.
@@ -381,7 +388,10 @@ impl Config {
             } else {
                 format!("--pod `{}`", pod.name)
             };
-            let p = validate_pod(&field, pod)?;
+            let mut p = validate_pod(&field, pod)?;
+            if p.policy.is_none() {
+                p.policy = file.default_policy.clone();
+            }
             if !names.insert(p.name.clone()) {
                 return Err(invalid(
                     format!("{field}.name"),
@@ -494,6 +504,7 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
         probe_ports: pod.probe_ports,
         mode: pod.mode,
         identity,
+        policy: pod.policy,
     })
 }
 

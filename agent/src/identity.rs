@@ -11,7 +11,6 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, RwLock,
     },
-    time::Duration,
 };
 
 use rustls::{
@@ -282,40 +281,16 @@ impl IdentityStore {
         }
     }
 
-    /// Watches the directories of the identity files (Secrets and cert-manager replace
-    /// files by renaming or swapping symlinks, which a watch on the file itself misses) and
-    /// reloads after changes settle. The watcher lives as long as the returned handle.
+    /// Reloads whenever the identity files change; the watch lasts as long as the returned
+    /// handle.
     pub fn watch(self: &Arc<Self>) -> Result<notify::RecommendedWatcher, notify::Error> {
-        use notify::{RecursiveMode, Watcher};
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok_and(|e| !e.kind.is_access()) {
-                let _ = tx.send(());
-            }
-        })?;
-        let mut dirs: Vec<&Path> = [&self.files.cert, &self.files.key, &self.files.bundle]
-            .iter()
-            .filter_map(|p| p.parent())
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        for d in dirs {
-            watcher.watch(d, RecursiveMode::NonRecursive)?;
-        }
-        let store = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name(format!("identity-{}", self.pod))
-            .spawn(move || {
-                // Debounce: writers replace cert and key in separate steps.
-                while rx.recv().is_ok() {
-                    std::thread::sleep(Duration::from_millis(150));
-                    while rx.try_recv().is_ok() {}
-                    let Some(store) = store.upgrade() else { return };
-                    store.reload();
-                }
-            })
-            .map_err(|e| notify::Error::generic(&e.to_string()))?;
-        Ok(watcher)
+        let f = &self.files;
+        crate::watch::watch(
+            &[&f.cert, &f.key, &f.bundle],
+            format!("identity-{}", self.pod),
+            Arc::downgrade(self),
+            Self::reload,
+        )
     }
 }
 

@@ -1,17 +1,8 @@
 //! `agent`: the node agent and its command line, in one binary.
 
-mod ca;
-mod cgroup;
-mod config;
-mod ebpf;
-mod identity;
-mod netns;
-mod proxy;
-mod run;
-mod telemetry;
-mod tls;
-
 use std::{path::PathBuf, process::ExitCode};
+
+use agent::{authz, ca, config, ebpf, run, telemetry};
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +18,9 @@ enum Cmd {
     /// Enroll pods and proxy their outbound TCP connections.
     Run(config::RunArgs),
     /// Remove everything a stopped agent left pinned in the kernel (fail-closed pods).
+    /// Check a policy file, or evaluate a decision offline.
+    #[command(subcommand)]
+    Policy(authz::cli::PolicyCmd),
     /// A development CA and SPIFFE SVIDs (for demos and tests).
     #[command(subcommand)]
     Ca(ca::CaCmd),
@@ -68,6 +62,15 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Cmd::Policy(cmd) => {
+            let (text, code) = authz::cli::run(cmd);
+            if code == 0 {
+                println!("{text}");
+            } else {
+                eprintln!("{text}");
+            }
+            ExitCode::from(code)
         }
         Cmd::Ca(cmd) => match ca::run(cmd) {
             Ok(msg) => {

@@ -33,7 +33,12 @@ pub enum RunError {
         pod: crate::config::PodName,
         source: crate::identity::IdentityError,
     },
-    #[error("pod {pod}: cannot watch the identity files: {source}")]
+    #[error("pod {pod}: {source}")]
+    Policy {
+        pod: crate::config::PodName,
+        source: crate::authz::PolicyError,
+    },
+    #[error("pod {pod}: cannot watch the identity or policy files: {source}")]
     Watch {
         pod: crate::config::PodName,
         source: notify::Error,
@@ -49,8 +54,9 @@ struct Enrolled {
     spec: PodConfig,
     entry: PodEntry,
     links: PodLinks,
-    /// Keeps the identity files watched while the pod is enrolled.
-    _watcher: Option<notify::RecommendedWatcher>,
+    /// Keep the identity and policy files watched while the pod is enrolled.
+    _watchers: Vec<notify::RecommendedWatcher>,
+    pod: Arc<Pod>,
 }
 
 pub async fn run(cfg: Config) -> Result<(), RunError> {
@@ -103,7 +109,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         "agent ready"
     );
 
-    wait_for_signal().await?;
+    wait_for_signal(&enrolled).await?;
     info!("stopping: no new connections; draining");
 
     // New connections first stop reaching the listeners: fail-open pods lose their
@@ -153,6 +159,19 @@ fn enroll(
     shared: &Arc<Shared>,
     expected: &crate::tls::Expected,
 ) -> Result<(Enrolled, Vec<JoinHandle<()>>), RunError> {
+    let policy = crate::authz::PolicyStore::load(spec.name.as_str(), spec.policy.clone()).map_err(
+        |source| RunError::Policy {
+            pod: spec.name.clone(),
+            source,
+        },
+    )?;
+    let mut watchers = Vec::new();
+    if let Some(w) = policy.watch() {
+        watchers.push(w.map_err(|source| RunError::Watch {
+            pod: spec.name.clone(),
+            source,
+        })?);
+    }
     let (tls, watcher) = match &spec.identity {
         Some(files) => {
             let store =
@@ -185,7 +204,9 @@ fn enroll(
         addrs: addrs.clone(),
         mode: spec.mode,
         tls,
+        policy,
     });
+    watchers.extend(watcher);
     // Listeners exist before any connection can be steered to them.
     let outbound = pod.bind_loopback(cfg.outbound_port)?;
     let inbound = pod.bind_loopback(cfg.inbound_port)?;
@@ -242,7 +263,8 @@ fn enroll(
             spec: spec.clone(),
             entry,
             links,
-            _watcher: watcher,
+            _watchers: watchers,
+            pod: pod.clone(),
         },
         loops,
     ))
@@ -283,14 +305,26 @@ fn log_counters(kernel: &Kernel) {
     info!(counters = %serde_json::to_string(&counters).unwrap_or_default(), "kernel counters");
 }
 
-async fn wait_for_signal() -> Result<(), RunError> {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads every pod's policy and identity meanwhile.
+async fn wait_for_signal(pods: &[Enrolled]) -> Result<(), RunError> {
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
-    tokio::select! {
-        _ = term.recv() => info!(signal = "SIGTERM", "signal received"),
-        _ = int.recv() => info!(signal = "SIGINT", "signal received"),
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!(signal = "SIGTERM", "signal received"); return Ok(()) }
+            _ = int.recv() => { info!(signal = "SIGINT", "signal received"); return Ok(()) }
+            _ = hup.recv() => {
+                info!(signal = "SIGHUP", "reloading policies and identities");
+                for e in pods {
+                    e.pod.policy.reload();
+                    if let Some(tls) = &e.pod.tls {
+                        tls.store.reload();
+                    }
+                }
+            }
+        }
     }
-    Ok(())
 }
 
 /// Every proxied connection costs two descriptors; the usual soft limit of 1024 would cap

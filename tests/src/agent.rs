@@ -38,11 +38,17 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// A config for `node`. Pods without a policy of their own get an allow-all default,
+    /// so tests about interception are not also tests about authorization (the agent's
+    /// own default, with no policy at all, is deny).
     pub fn new(node: &Node) -> Self {
+        let allow_all = node.tmp().join("allow-all.yaml");
+        std::fs::write(&allow_all, "default: all\n").expect("write the allow-all policy");
         AgentConfig {
             head: format!(
-                "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\n",
-                node.pin_root().display()
+                "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\ndefault_policy = \"{}\"\n",
+                node.pin_root().display(),
+                allow_all.display()
             ),
             pods: String::new(),
         }
@@ -95,10 +101,22 @@ impl Agent {
     }
 
     /// Starts the agent from a prepared command (e.g. one placed in a pod's sub-cgroup).
-    pub fn start_cmd(mut cmd: Command, config: &AgentConfig) -> Agent {
+    pub fn start_cmd(cmd: Command, config: &AgentConfig) -> Agent {
         let path =
             std::env::temp_dir().join(format!("simnode-agent-{}.toml", crate::sys::run_id()));
         std::fs::write(&path, config.text()).expect("write agent config");
+        Self::spawn(cmd, path)
+    }
+
+    /// Starts `agent run` with a config file written by the caller (kept afterwards).
+    pub fn start_file(config: &std::path::Path) -> Agent {
+        let copy =
+            std::env::temp_dir().join(format!("simnode-agent-{}.toml", crate::sys::run_id()));
+        std::fs::copy(config, &copy).expect("copy agent config");
+        Self::spawn(Command::new(workspace_bin("agent")), copy)
+    }
+
+    fn spawn(mut cmd: Command, path: std::path::PathBuf) -> Agent {
         cmd.args(["run", "--config"])
             .arg(&path)
             .args([

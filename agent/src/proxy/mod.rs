@@ -52,6 +52,17 @@ pub struct Pod {
     pub mode: Mode,
     /// Present when the pod has an identity: it then speaks mutual TLS with the mesh.
     pub tls: Option<PodTls>,
+    pub policy: Arc<crate::authz::PolicyStore>,
+}
+
+impl Pod {
+    /// The pod's own trust domain ("" without an identity).
+    pub fn trust_domain(&self) -> String {
+        self.tls
+            .as_ref()
+            .map(|t| t.store.current().spiffe_id.trust_domain().to_string())
+            .unwrap_or_default()
+    }
 }
 
 /// A pod's identity and the rustls configurations built on it (which read the identity
@@ -295,6 +306,8 @@ pub(crate) struct Access<'a> {
     pub peer_identity: String,
     /// The serial number of the certificate the peer presented.
     pub peer_serial: String,
+    /// The policy rule that decided the connection.
+    pub policy_rule: String,
     pub start: std::time::Instant,
 }
 
@@ -310,6 +323,7 @@ impl<'a> Access<'a> {
             tls: "none",
             peer_identity: String::new(),
             peer_serial: String::new(),
+            policy_rule: String::new(),
             start: std::time::Instant::now(),
         }
     }
@@ -322,6 +336,7 @@ impl<'a> Access<'a> {
     pub fn refused(&self, outcome: &str, reason: &str, error: &dyn std::fmt::Display) {
         warn!(target: "access", conn = self.id, pod = %self.pod.name, direction = self.direction,
               src = %self.src, dst = %self.dst(), tls = self.tls, peer_identity = %self.peer_identity,
+              policy_rule = %self.policy_rule,
               duration_ms = self.start.elapsed().as_millis() as u64, outcome, reason,
               error = %error, "connection refused");
     }
@@ -341,7 +356,8 @@ impl<'a> Access<'a> {
         tracing::info!(target: "access", conn = self.id, pod = %self.pod.name,
               direction = self.direction, src = %self.src, dst = %self.dst(), via = %self.via,
               tls = self.tls, peer_identity = %self.peer_identity,
-              peer_serial = %self.peer_serial, bytes_sent = t.sent,
+              peer_serial = %self.peer_serial, policy_rule = %self.policy_rule,
+              bytes_sent = t.sent,
               bytes_received = t.received, duration_ms, outcome, error = %error,
               "connection closed");
     }

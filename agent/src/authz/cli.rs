@@ -1,0 +1,124 @@
+//! `agent policy check | eval`: offline validation and decisions, for operators and CI.
+
+use std::{net::IpAddr, path::PathBuf, str::FromStr};
+
+use super::{Conn, Policy, PolicyFile, Request, Verdict};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PolicyCmd {
+    /// Validate a policy file; exit 0 if it is good, 1 with file:line:column and reason.
+    Check { file: PathBuf },
+    /// Decide one connection (and request) offline; exit 0 if allowed, 1 if denied.
+    Eval {
+        #[arg(long)]
+        policy: PathBuf,
+        /// A SPIFFE ID, `unauthenticated`, or a source address/CIDR (unauthenticated).
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+        /// The pod's trust domain (for `default: authenticated`); by default the caller's.
+        #[arg(long)]
+        trust_domain: Option<String>,
+    },
+}
+
+/// Runs the command; returns the text to print and the exit code.
+pub fn run(cmd: PolicyCmd) -> (String, u8) {
+    match cmd {
+        PolicyCmd::Check { file } => match PolicyFile::load(&file) {
+            Ok(p) => {
+                let c = Policy::compile(file.display().to_string(), p);
+                (
+                    format!(
+                        "{}: ok, {} rules, default {:?}{}",
+                        file.display(),
+                        c.rule_count(),
+                        c.default,
+                        if c.audit { ", audit mode" } else { "" }
+                    ),
+                    0,
+                )
+            }
+            Err(e) => (e.to_string(), 1),
+        },
+        PolicyCmd::Eval {
+            policy,
+            from,
+            port,
+            method,
+            path,
+            trust_domain,
+        } => {
+            let file = match PolicyFile::load(&policy) {
+                Ok(f) => f,
+                Err(e) => return (e.to_string(), 2),
+            };
+            let p = Policy::compile(policy.display().to_string(), file);
+            let (identity, src) = if from.starts_with("spiffe://") {
+                (Some(from.as_str()), IpAddr::from([0, 0, 0, 0]))
+            } else if from == "unauthenticated" {
+                (None, IpAddr::from([0, 0, 0, 0]))
+            } else {
+                match crate::config::parse_cidr(&from)
+                    .or_else(|e| IpAddr::from_str(&from).map(Into::into).map_err(|_| e))
+                {
+                    Ok(net) => (None, net.network()),
+                    Err(e) => return (format!("--from: {e}"), 2),
+                }
+            };
+            let td = trust_domain.unwrap_or_else(|| {
+                identity
+                    .and_then(|i| i.strip_prefix("spiffe://"))
+                    .and_then(|r| r.split('/').next())
+                    .unwrap_or("")
+                    .to_string()
+            });
+            let conn = Conn {
+                identity,
+                src,
+                port,
+            };
+            let mut d = p.decide_l4(&conn, &td);
+            let mut level = "connection";
+            if d.verdict == Verdict::InspectHttp {
+                let (Some(m), Some(path)) = (method.as_deref(), path.as_deref()) else {
+                    return (
+                        "HTTP rules apply to this connection: give --method and --path".into(),
+                        2,
+                    );
+                };
+                let none = |_: &str, _: &str| false;
+                d = p.decide_http(
+                    &conn,
+                    &Request {
+                        method: m,
+                        path,
+                        has_header: &none,
+                    },
+                    &td,
+                );
+                level = "request";
+            }
+            let allowed = d.verdict == Verdict::Allow;
+            let audit = if d.audit_denied {
+                " (audit mode: would be DENIED)"
+            } else {
+                ""
+            };
+            (
+                format!(
+                    "{} {level} by `{}`{audit} (policy {})",
+                    if allowed { "ALLOW" } else { "DENY" },
+                    d.rule,
+                    p.source
+                ),
+                if allowed { 0 } else { 1 },
+            )
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The compiled policy and its decision functions.
+//!
+//! Rules are indexed by source so that a decision looks at the few rules that can apply to
+//! the caller instead of scanning every rule: exact identities in a hash map, prefix
+//! patterns in a hash map keyed by the prefix (a caller's ID has one candidate prefix per
+//! path segment), plus the rules for unauthenticated callers and those with no identity
+//! condition. Within the candidates, deny wins over allow; among rules of one action the
+//! first in the file names the decision.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use super::policy::{
+    Action, Cidr, DefaultAction, HttpFile, IdPattern, PathPattern, PolicyFile, PortRange,
+};
+
+/// The connection being decided.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn<'a> {
+    /// The verified SPIFFE ID, or `None` for an unauthenticated (plaintext) caller.
+    pub identity: Option<&'a str>,
+    pub src: IpAddr,
+    pub port: u16,
+}
+
+/// One HTTP request on a connection.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// Whether the request carries header `name` (lower case) with exactly `value`.
+    pub has_header: &'a dyn Fn(&str, &str) -> bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// HTTP rules apply to this connection: decide each request.
+    InspectHttp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// The deciding rule's name, or `default deny|authenticated|all`.
+    pub rule: String,
+    /// The policy is in audit mode and this would have been denied.
+    pub audit_denied: bool,
+}
+
+struct Http {
+    methods: Vec<String>,
+    paths: Vec<PathPattern>,
+    headers: Vec<(String, String)>,
+}
+
+impl Http {
+    fn matches(&self, r: &Request<'_>) -> bool {
+        (self.methods.is_empty()
+            || self
+                .methods
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(r.method)))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(r.path)))
+            && self.headers.iter().all(|(k, v)| (r.has_header)(k, v))
+    }
+}
+
+struct Rule {
+    name: String,
+    action: Action,
+    cidrs: Vec<Cidr>,
+    ports: Vec<PortRange>,
+    http: Option<Http>,
+}
+
+impl Rule {
+    fn matches_l4(&self, c: &Conn<'_>) -> bool {
+        (self.cidrs.is_empty() || self.cidrs.iter().any(|n| n.contains(c.src)))
+            && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(c.port)))
+    }
+}
+
+/// A compiled policy.
+pub struct Policy {
+    /// Where it came from (a file, or the built-in default).
+    pub source: String,
+    pub default: DefaultAction,
+    pub audit: bool,
+    rules: Vec<Rule>,
+    by_exact: HashMap<String, Vec<u32>>,
+    by_prefix: HashMap<String, Vec<u32>>,
+    unauthenticated: Vec<u32>,
+    any_source: Vec<u32>,
+}
+
+impl Policy {
+    pub fn compile(source: impl Into<String>, file: PolicyFile) -> Policy {
+        let mut p = Policy {
+            source: source.into(),
+            default: file.default,
+            audit: file.audit,
+            rules: Vec::with_capacity(file.rules.len()),
+            by_exact: HashMap::new(),
+            by_prefix: HashMap::new(),
+            unauthenticated: Vec::new(),
+            any_source: Vec::new(),
+        };
+        for (i, r) in file.rules.into_iter().enumerate() {
+            let i = i as u32;
+            if r.from.identities.is_empty() && !r.from.unauthenticated {
+                p.any_source.push(i);
+            }
+            for id in &r.from.identities {
+                match id {
+                    IdPattern::Exact(s) => p.by_exact.entry(s.clone()).or_default().push(i),
+                    IdPattern::Prefix(s) => p.by_prefix.entry(s.clone()).or_default().push(i),
+                }
+            }
+            if r.from.unauthenticated {
+                p.unauthenticated.push(i);
+            }
+            p.rules.push(Rule {
+                name: r.name,
+                action: r.action,
+                cidrs: r.from.cidrs,
+                ports: r.to.ports,
+                http: r.http.map(|h: HttpFile| Http {
+                    methods: h.methods,
+                    paths: h.paths,
+                    headers: h
+                        .headers
+                        .into_iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                        .collect(),
+                }),
+            });
+        }
+        p
+    }
+
+    /// Denies everything: what a pod gets when no policy is configured for it.
+    pub fn deny_all(source: &str) -> Policy {
+        Self::compile(
+            source,
+            PolicyFile {
+                default: DefaultAction::Deny,
+                audit: false,
+                rules: vec![],
+            },
+        )
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Calls `f` with the index of every rule whose source condition admits `c`.
+    fn for_candidates(&self, c: &Conn<'_>, mut f: impl FnMut(u32)) {
+        self.any_source.iter().copied().for_each(&mut f);
+        match c.identity {
+            None => self.unauthenticated.iter().copied().for_each(&mut f),
+            Some(id) => {
+                if let Some(v) = self.by_exact.get(id) {
+                    v.iter().copied().for_each(&mut f);
+                }
+                if !self.by_prefix.is_empty() {
+                    // Every prefix of the ID that ends in '/', after the scheme.
+                    let start = "spiffe://".len().min(id.len());
+                    for (pos, _) in id[start..].match_indices('/') {
+                        if let Some(v) = self.by_prefix.get(&id[..start + pos + 1]) {
+                            v.iter().copied().for_each(&mut f);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides a connection before any byte reaches the application.
+    pub fn decide_l4(&self, c: &Conn<'_>, trust_domain: &str) -> Decision {
+        let (mut deny, mut allow, mut http) = (u32::MAX, u32::MAX, false);
+        self.for_candidates(c, |i| {
+            let r = &self.rules[i as usize];
+            if !r.matches_l4(c) {
+                return;
+            }
+            match (r.action, r.http.is_some()) {
+                (_, true) => http = true,
+                (Action::Deny, false) => deny = deny.min(i),
+                (Action::Allow, false) => allow = allow.min(i),
+            }
+        });
+        if deny != u32::MAX {
+            return self.finish(Verdict::Deny, self.rules[deny as usize].name.clone());
+        }
+        if http {
+            return Decision {
+                verdict: Verdict::InspectHttp,
+                rule: String::new(),
+                audit_denied: false,
+            };
+        }
+        if allow != u32::MAX {
+            return self.finish(Verdict::Allow, self.rules[allow as usize].name.clone());
+        }
+        self.default_decision(c, trust_domain)
+    }
+
+    /// Decides one HTTP request (after `decide_l4` said `InspectHttp`).
+    pub fn decide_http(&self, c: &Conn<'_>, req: &Request<'_>, trust_domain: &str) -> Decision {
+        let (mut deny, mut allow) = (u32::MAX, u32::MAX);
+        self.for_candidates(c, |i| {
+            let r = &self.rules[i as usize];
+            if !r.matches_l4(c) || r.http.as_ref().is_some_and(|h| !h.matches(req)) {
+                return;
+            }
+            match r.action {
+                Action::Deny => deny = deny.min(i),
+                Action::Allow => allow = allow.min(i),
+            }
+        });
+        if deny != u32::MAX {
+            return self.finish(Verdict::Deny, self.rules[deny as usize].name.clone());
+        }
+        if allow != u32::MAX {
+            return self.finish(Verdict::Allow, self.rules[allow as usize].name.clone());
+        }
+        self.default_decision(c, trust_domain)
+    }
+
+    fn default_decision(&self, c: &Conn<'_>, trust_domain: &str) -> Decision {
+        let (verdict, name) = match self.default {
+            DefaultAction::Deny => (Verdict::Deny, "default deny"),
+            DefaultAction::All => (Verdict::Allow, "default all"),
+            DefaultAction::Authenticated => {
+                let ours = c.identity.is_some_and(|id| {
+                    id.strip_prefix("spiffe://")
+                        .and_then(|r| r.split('/').next())
+                        .is_some_and(|td| td == trust_domain)
+                });
+                (
+                    if ours { Verdict::Allow } else { Verdict::Deny },
+                    "default authenticated",
+                )
+            }
+        };
+        self.finish(verdict, name.to_string())
+    }
+
+    /// Applies audit mode: a deny is reported, not enforced.
+    fn finish(&self, verdict: Verdict, rule: String) -> Decision {
+        if verdict == Verdict::Deny && self.audit {
+            return Decision {
+                verdict: Verdict::Allow,
+                rule,
+                audit_denied: true,
+            };
+        }
+        Decision {
+            verdict,
+            rule,
+            audit_denied: false,
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The policy file: YAML, validated while it is parsed so that every error carries the
+//! file, line and column of the offending value.
+
+use std::{fmt, net::IpAddr, path::Path, str::FromStr};
+
+use ipnet::IpNet;
+use serde::{de, Deserialize, Deserializer};
+
+/// What happens to traffic no rule matches.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    /// Least privilege: nothing that is not explicitly allowed.
+    #[default]
+    Deny,
+    /// Any verified identity of the pod's trust domain.
+    Authenticated,
+    /// Everything.
+    All,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub default: DefaultAction,
+    /// Evaluate and log, but let denied traffic pass.
+    #[serde(default)]
+    pub audit: bool,
+    #[serde(default)]
+    pub rules: Vec<RuleFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    pub name: String,
+    pub action: Action,
+    #[serde(default)]
+    pub from: FromFile,
+    #[serde(default)]
+    pub to: ToFile,
+    pub http: Option<HttpFile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FromFile {
+    #[serde(default)]
+    pub identities: Vec<IdPattern>,
+    /// Matches connections that presented no identity (plaintext in PERMISSIVE mode).
+    #[serde(default)]
+    pub unauthenticated: bool,
+    #[serde(default)]
+    pub cidrs: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToFile {
+    #[serde(default)]
+    pub ports: Vec<PortRange>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<PathPattern>,
+    /// Required headers: name to exact value.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// A SPIFFE ID, exact or a prefix pattern ending in `/*` (`spiffe://td/ns/payments/*`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum IdPattern {
+    Exact(String),
+    /// The prefix including its trailing `/`.
+    Prefix(String),
+}
+
+impl FromStr for IdPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s.strip_prefix("spiffe://").ok_or_else(|| {
+            format!("`{s}` is not a SPIFFE ID pattern (must start with spiffe://)")
+        })?;
+        if let Some(prefix) = s.strip_suffix("/*") {
+            if prefix.contains('*') || rest.len() < 3 {
+                return Err(format!("`{s}`: `*` may only be the whole last segment"));
+            }
+            return Ok(Self::Prefix(format!("{prefix}/")));
+        }
+        if s.contains('*') {
+            return Err(format!(
+                "`{s}`: `*` may only be the whole last segment, as in spiffe://td/ns/x/*"
+            ));
+        }
+        crate::identity::SpiffeId::parse(s)?;
+        Ok(Self::Exact(s.to_string()))
+    }
+}
+
+impl fmt::Display for IdPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(s) => f.write_str(s),
+            Self::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+/// A source network (a bare address is a host route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::config::parse_cidr(s).map(Cidr)
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.contains(&ip.to_canonical())
+    }
+}
+
+/// A port or an inclusive range `a-b`, within 1..=65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |t: &str| -> Result<u16, String> {
+            match t.trim().parse::<u32>() {
+                Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+                _ => Err(format!("`{t}` is not a port (1-65535)")),
+            }
+        };
+        let (lo, hi) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => {
+                let p = port(s)?;
+                (p, p)
+            }
+        };
+        if lo > hi {
+            return Err(format!("`{s}`: the range is empty ({lo} > {hi})"));
+        }
+        Ok(Self { lo, hi })
+    }
+}
+
+/// An HTTP path: exact, or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl FromStr for PathPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!("`{s}` is not a path (must start with /)"));
+        }
+        match s.strip_suffix('*') {
+            Some(p) if !p.contains('*') => Ok(Self::Prefix(p.to_string())),
+            Some(_) => Err(format!("`{s}`: `*` may only end a path")),
+            None if s.contains('*') => Err(format!("`{s}`: `*` may only end a path")),
+            None => Ok(Self::Exact(s.to_string())),
+        }
+    }
+}
+
+impl PathPattern {
+    pub fn matches(&self, path: &str) -> bool {
+        // The query string is not part of the path.
+        let path = path.split('?').next().unwrap_or(path);
+        match self {
+            Self::Exact(p) => p == path,
+            Self::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// Deserialize through `FromStr` (numbers too, for ports) so errors point at the value.
+macro_rules! deserialize_via_from_str {
+    ($t:ty) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let v = serde_yaml::Value::deserialize(d)?;
+                let text = match &v {
+                    serde_yaml::Value::String(s) => s.clone(),
+                    serde_yaml::Value::Number(n) => n.to_string(),
+                    other => {
+                        return Err(de::Error::custom(format!(
+                            "expected a string, found {other:?}"
+                        )))
+                    }
+                };
+                text.parse().map_err(de::Error::custom)
+            }
+        }
+    };
+}
+
+deserialize_via_from_str!(IdPattern);
+deserialize_via_from_str!(Cidr);
+deserialize_via_from_str!(PortRange);
+deserialize_via_from_str!(PathPattern);
+
+/// A rejected policy file: where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("policy {path}:{line}:{column}: {reason}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    #[error("policy {path}: {reason}")]
+    Semantic { path: String, reason: String },
+}
+
+impl PolicyFile {
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    pub fn parse(path: &str, text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile = serde_yaml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            // serde_yaml appends " at line N column M"; the location is already in front.
+            let reason = e.to_string();
+            let reason = reason
+                .split(" at line ")
+                .next()
+                .unwrap_or(&reason)
+                .to_string();
+            PolicyError::Invalid {
+                path: path.to_string(),
+                line,
+                column,
+                reason,
+            }
+        })?;
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in file.rules.iter().enumerate() {
+            if r.name.trim().is_empty() {
+                return Err(PolicyError::Semantic {
+                    path: path.to_string(),
+                    reason: format!(
+                        "rules[{i}]: a rule needs a name (decisions are reported by name)"
+                    ),
+                });
+            }
+            if !names.insert(r.name.as_str()) {
+                return Err(PolicyError::Semantic {
+                    path: path.to_string(),
+                    reason: format!("rules[{i}]: the name `{}` is used twice", r.name),
+                });
+            }
+        }
+        Ok(file)
+    }
+}
