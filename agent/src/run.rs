@@ -77,7 +77,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         cfg.mesh_networks.clone(),
         cfg.workloads
             .iter()
-            .map(|(ip, _)| ip.to_canonical())
+            .map(|(ip, id)| (ip.to_canonical(), id.clone()))
             .collect(),
     );
     let expected: crate::tls::Expected = Arc::new(

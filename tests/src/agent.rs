@@ -224,6 +224,12 @@ impl Agent {
         }
     }
 
+    /// Sends a signal to the running agent.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().expect("agent is running").id() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal the agent");
+    }
+
     /// SIGKILL: what a crash or an OOM kill looks like.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -12,13 +12,26 @@ use crate::{agent::workspace_bin, node::Pod, proto::Summary};
 /// A `podapp serve` process; killed on drop.
 pub struct Server {
     child: Child,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<crate::proto::ServerView>>>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
     /// Every connection the application has served so far, as it saw them.
     pub fn seen(&self) -> Vec<crate::proto::ServerView> {
-        self.seen.lock().unwrap().clone()
+        self.parsed()
+    }
+
+    /// Every HTTP request the application has received (for `serve_http`).
+    pub fn seen_http(&self) -> Vec<crate::http_app::SeenRequest> {
+        self.parsed()
+    }
+
+    fn parsed<T: serde::de::DeserializeOwned>(&self) -> Vec<T> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 }
 
@@ -41,6 +54,43 @@ impl Pod {
                 .arg(SocketAddr::new(self.ip(true), *port).to_string());
         }
         start_server(cmd)
+    }
+
+    /// Starts an HTTP/1.1 + HTTP/2 server in this pod on each port, IPv4 and IPv6.
+    pub fn serve_http(&self, ports: &[u16]) -> Server {
+        let mut cmd = self.command(workspace_bin("podapp"));
+        cmd.arg("serve-http");
+        for port in ports {
+            for v6 in [false, true] {
+                cmd.arg("--listen")
+                    .arg(SocketAddr::new(self.ip(v6), *port).to_string());
+            }
+        }
+        start_server(cmd)
+    }
+
+    /// Sends `requests` ("GET /a,POST /b") over one connection from this pod.
+    pub fn http_client(
+        &self,
+        to: SocketAddr,
+        requests: &str,
+        h2: bool,
+    ) -> crate::http_app::HttpSummary {
+        let mut cmd = self.command(workspace_bin("podapp"));
+        cmd.arg("http-client")
+            .arg("--to")
+            .arg(to.to_string())
+            .args(["--requests", requests]);
+        if h2 {
+            cmd.arg("--h2");
+        }
+        let out = cmd.output().expect("run podapp http-client");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "http-client printed no summary ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 
     /// Runs `podapp client` in this pod (its cgroup and netns) and returns its summary.
@@ -105,20 +155,18 @@ pub fn start_server(mut cmd: Command) -> Server {
     let mut child = cmd.spawn().expect("spawn podapp serve");
     let stdout = child.stdout.take().expect("server stdout");
     let (tx, rx) = std::sync::mpsc::channel();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = seen.clone();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next().and_then(Result::ok);
         let _ = tx.send(first);
         for line in lines.map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                sink.lock().unwrap().push(v);
-            }
+            sink.lock().unwrap().push(line);
         }
     });
     match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(Some(l)) if l == "listening" => Server { child, seen },
+        Ok(Some(l)) if l == "listening" => Server { child, lines },
         other => {
             let _ = child.kill();
             panic!("podapp serve did not start: {other:?}");

@@ -171,6 +171,11 @@ fn reload_under_load_switches_rules_and_a_broken_file_keeps_the_old_policy() {
         0,
         "the new rule denies 9090"
     );
+    // SIGHUP reloads too (here: the same, still good, file).
+    let reloads = |a: &Agent| a.events().iter().filter(|e| reloaded(e)).count();
+    let before = reloads(&agent);
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_for("SIGHUP reload", |_| reloads(&agent) > before, WAIT);
 
     std::fs::write(
         &path,
@@ -228,5 +233,129 @@ fn a_pod_without_any_policy_denies_everything() {
     assert_eq!(a.client(at(b, false, 8080), &[]).ok, 0);
     assert!(srv.seen().is_empty());
     assert_eq!(decision(&agent, |_| true)["policy_rule"], "default deny");
+    assert!(agent.stop().success());
+}
+
+const HTTP_POLICY: &str = r#"
+default: deny
+rules:
+  - name: public-read
+    action: allow
+    from: { identities: ["spiffe://td.test/ns/default/*"] }
+    to: { ports: [8080] }
+    http: { methods: [GET], paths: ["/public", "/public/*"] }
+  - name: no-admin
+    action: deny
+    http: { paths: ["/admin*"] }
+"#;
+
+#[test]
+fn http_requests_are_decided_one_by_one_on_keep_alive_and_http2() {
+    let Some(node) = node("authz_http", &["a", "b"]) else {
+        return;
+    };
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let ca = DevCa::new(&node.tmp().join("ca"));
+    let sa = ca.issue(&format!("{TD}/default/sa/a"), &node.tmp().join("a"), false);
+    let sb = ca.issue(&format!("{TD}/default/sa/b"), &node.tmp().join("b"), false);
+    let srv = b.serve_http(&[8080]);
+    let policy = write_policy(&node, "b.yaml", HTTP_POLICY);
+    let cfg = AgentConfig::new(&node)
+        .set("mesh_networks = [\"10.213.0.0/16\", \"fd00:213::/32\"]")
+        .pod_extra(a, "open", &sa.toml())
+        .pod_extra(
+            b,
+            "open",
+            &format!(
+                "mode = \"strict\"\npolicy = \"{}\"\n{}",
+                policy.display(),
+                sb.toml()
+            ),
+        );
+    let mut agent = Agent::start(&cfg);
+    let requests = "GET /public,POST /admin,GET /public/x,GET /admin/users,POST /public";
+    for (h2, v6) in [(false, false), (true, false), (false, true), (true, true)] {
+        let before = srv.seen_http().len();
+        let r = a.http_client(at(b, v6, 8080), requests, h2);
+        assert_eq!(
+            r.error, None,
+            "h2={h2} v6={v6}: the connection must survive denials"
+        );
+        assert_eq!(r.statuses, [200, 403, 200, 403, 403], "h2={h2} v6={v6}");
+        assert!(
+            r.bodies[1].contains("no-admin"),
+            "403 names the rule: {:?}",
+            r.bodies[1]
+        );
+        assert!(r.bodies[4].contains("default deny"), "{:?}", r.bodies[4]);
+        let seen: Vec<String> = srv.seen_http()[before..]
+            .iter()
+            .map(|s| format!("{} {}", s.method, s.path))
+            .collect();
+        assert_eq!(
+            seen,
+            ["GET /public", "GET /public/x"],
+            "the app saw a denied request"
+        );
+        if h2 {
+            assert!(srv.seen_http().last().unwrap().version.contains("HTTP/2"));
+        }
+    }
+    let denied = agent.wait_for(
+        "denied request line",
+        |e| e["message"] == "request denied" && e["path"] == "/admin",
+        WAIT,
+    );
+    assert_eq!(denied["policy_rule"], "no-admin");
+    let conn = decision(&agent, |e| e["http_requests"] == 5);
+    assert_eq!(conn["http_denied"], 3);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn egress_rules_refuse_outbound_connections_before_any_upstream_connect() {
+    let Some(node) = node("authz_egress", &["a", "b"]) else {
+        return;
+    };
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let srv = b.serve(&[8080, 9090]);
+    let policy = write_policy(
+        &node,
+        "a.yaml",
+        &format!(
+            "default: deny\negress:\n  default: deny\n  rules:\n    - name: b-web\n      action: allow\n      to: {{ cidrs: [\"{}\", \"{}\"], ports: [8080] }}\n",
+            b.ip4, b.ip6
+        ),
+    );
+    let cfg =
+        AgentConfig::new(&node).pod_extra(a, "open", &format!("policy = \"{}\"", policy.display()));
+    let mut agent = Agent::start(&cfg);
+    for v6 in [false, true] {
+        assert!(only(&a.client(at(b, v6, 8080), &[]).results).ok());
+        let seen = srv.seen().len();
+        assert_eq!(
+            a.client(at(b, v6, 9090), &[]).ok,
+            0,
+            "egress to 9090 must be refused"
+        );
+        assert_eq!(
+            srv.seen().len(),
+            seen,
+            "the destination saw a refused connection"
+        );
+    }
+    let out = agent.wait_for(
+        "egress denial",
+        |e| e["direction"] == "outbound" && e["outcome"] == "denied",
+        WAIT,
+    );
+    assert_eq!(out["reason"], "egress_policy");
+    assert_eq!(out["policy_rule"], "egress default deny");
+    let ok = agent.wait_for(
+        "egress allow",
+        |e| e["direction"] == "outbound" && e["outcome"] == "ok",
+        WAIT,
+    );
+    assert_eq!(ok["policy_rule"], "b-web");
     assert!(agent.stop().success());
 }

@@ -81,6 +81,28 @@ impl Rule {
     }
 }
 
+struct EgressRule {
+    name: String,
+    action: Action,
+    cidrs: Vec<Cidr>,
+    ports: Vec<PortRange>,
+    identities: Vec<IdPattern>,
+}
+
+impl EgressRule {
+    fn matches(&self, dst: std::net::SocketAddr, identity: Option<&str>) -> bool {
+        (self.cidrs.is_empty() || self.cidrs.iter().any(|n| n.contains(dst.ip())))
+            && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(dst.port())))
+            && (self.identities.is_empty()
+                || identity.is_some_and(|id| {
+                    self.identities.iter().any(|p| match p {
+                        IdPattern::Exact(e) => e == id,
+                        IdPattern::Prefix(pre) => id.starts_with(pre.as_str()),
+                    })
+                }))
+    }
+}
+
 /// A compiled policy.
 pub struct Policy {
     /// Where it came from (a file, or the built-in default).
@@ -92,6 +114,8 @@ pub struct Policy {
     by_prefix: HashMap<String, Vec<u32>>,
     unauthenticated: Vec<u32>,
     any_source: Vec<u32>,
+    egress_default: DefaultAction,
+    egress: Vec<EgressRule>,
 }
 
 impl Policy {
@@ -105,6 +129,25 @@ impl Policy {
             by_prefix: HashMap::new(),
             unauthenticated: Vec::new(),
             any_source: Vec::new(),
+            egress_default: file
+                .egress
+                .as_ref()
+                .map_or(DefaultAction::All, |e| e.default),
+            egress: file
+                .egress
+                .map(|e| {
+                    e.rules
+                        .into_iter()
+                        .map(|r| EgressRule {
+                            name: r.name,
+                            action: r.action,
+                            cidrs: r.to.cidrs,
+                            ports: r.to.ports,
+                            identities: r.to.identities,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         for (i, r) in file.rules.into_iter().enumerate() {
             let i = i as u32;
@@ -147,6 +190,7 @@ impl Policy {
                 default: DefaultAction::Deny,
                 audit: false,
                 rules: vec![],
+                egress: None,
             },
         )
     }
@@ -205,6 +249,30 @@ impl Policy {
             return self.finish(Verdict::Allow, self.rules[allow as usize].name.clone());
         }
         self.default_decision(c, trust_domain)
+    }
+
+    /// Decides an outbound connection of the pod's applications, before any upstream
+    /// connect. `identity` is the destination's expected identity when it is a known
+    /// workload. Egress lists are short, so they are scanned in order.
+    pub fn decide_egress(&self, dst: std::net::SocketAddr, identity: Option<&str>) -> Decision {
+        let deny = self
+            .egress
+            .iter()
+            .find(|r| r.action == Action::Deny && r.matches(dst, identity));
+        let allow = || {
+            self.egress
+                .iter()
+                .find(|r| r.action == Action::Allow && r.matches(dst, identity))
+        };
+        let (verdict, rule) = match (deny, allow()) {
+            (Some(r), _) => (Verdict::Deny, r.name.clone()),
+            (None, Some(r)) => (Verdict::Allow, r.name.clone()),
+            (None, None) if self.egress_default == DefaultAction::Deny => {
+                (Verdict::Deny, "egress default deny".to_string())
+            }
+            (None, None) => (Verdict::Allow, "egress default all".to_string()),
+        };
+        self.finish(verdict, rule)
     }
 
     /// Decides one HTTP request (after `decide_l4` said `InspectHttp`).

@@ -36,6 +36,43 @@ pub struct PolicyFile {
     pub audit: bool,
     #[serde(default)]
     pub rules: Vec<RuleFile>,
+    /// Where the pod's applications may connect (outbound). Absent: anywhere.
+    pub egress: Option<EgressFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressFile {
+    /// For destinations no egress rule matches: `all` (the default) or `deny`.
+    #[serde(default = "egress_default")]
+    pub default: DefaultAction,
+    #[serde(default)]
+    pub rules: Vec<EgressRuleFile>,
+}
+
+fn egress_default() -> DefaultAction {
+    DefaultAction::All
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRuleFile {
+    pub name: String,
+    pub action: Action,
+    #[serde(default)]
+    pub to: EgressToFile,
+}
+
+/// An egress destination: networks, ports, and (for known workloads) identities.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressToFile {
+    #[serde(default)]
+    pub cidrs: Vec<Cidr>,
+    #[serde(default)]
+    pub ports: Vec<PortRange>,
+    #[serde(default)]
+    pub identities: Vec<IdPattern>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -168,9 +168,9 @@ pub(super) async fn handle(
 }
 
 /// Connects to the application and pumps.
-async fn forward<S>(log: &mut Access<'_>, client: S, pod: &Pod, shared: &Shared)
+async fn forward<S>(log: &mut Access<'_>, client: S, pod: &Arc<Pod>, shared: &Arc<Shared>)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let dst = log.dst.expect("set before forwarding");
     // Complete mediation: the policy decides before the application sees a byte.
@@ -194,11 +194,22 @@ where
             return;
         }
         Verdict::InspectHttp => {
-            // HTTP rules need per-request inspection, which this build does not do yet:
-            // refuse rather than let requests through unchecked.
-            shared.count("authz_deny:http_inspection_unavailable");
-            log.refused("denied", "policy",
-                        &format!("{} has HTTP rules for this connection; HTTP inspection is not available in this build", policy.source));
+            log.policy_rule = "(per HTTP request)".into();
+            let serve = super::http::serve(
+                log.id,
+                client,
+                pod.clone(),
+                shared.clone(),
+                identity,
+                log.src,
+                dst,
+                app_source(&dst),
+            );
+            let outcome = tokio::select! {
+                o = serve => Some(o),
+                _ = shared.abort.cancelled() => None,
+            };
+            log.closed_http(outcome);
             return;
         }
         Verdict::Allow => {

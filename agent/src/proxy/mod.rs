@@ -1,5 +1,6 @@
 //! The userspace proxy: listeners inside each pod's network namespace and the byte pumps.
 
+mod http;
 pub mod inbound;
 pub mod outbound;
 mod pump;
@@ -213,8 +214,8 @@ pub struct Shared {
     pub detect_timeout: Duration,
     /// Destinations here must answer mutual TLS.
     pub mesh_networks: Vec<ipnet::IpNet>,
-    /// Known workloads' addresses: in the mesh wherever they are.
-    pub known: std::collections::HashSet<IpAddr>,
+    /// Known workloads' addresses and identities: in the mesh wherever they are.
+    pub known: std::collections::HashMap<IpAddr, String>,
     /// Event counters of the proxy (handshake failures by reason, refusals, downgrades).
     counters: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Cancelled on SIGTERM: listeners stop accepting.
@@ -231,7 +232,7 @@ impl Shared {
         connect_timeout: Duration,
         detect_timeout: Duration,
         mesh_networks: Vec<ipnet::IpNet>,
-        known: std::collections::HashSet<IpAddr>,
+        known: std::collections::HashMap<IpAddr, String>,
     ) -> Arc<Self> {
         Arc::new(Self {
             orig_dst,
@@ -265,7 +266,7 @@ impl Shared {
 
     pub fn in_mesh(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.known.contains(&ip) || self.mesh_networks.iter().any(|n| n.contains(&ip))
+        self.known.contains_key(&ip) || self.mesh_networks.iter().any(|n| n.contains(&ip))
     }
 }
 
@@ -373,6 +374,23 @@ impl Access<'_> {
                 .unwrap_or_default();
             self.peer_serial = crate::identity::serial_of(leaf);
         }
+    }
+}
+
+impl Access<'_> {
+    /// The end of a connection whose HTTP requests were decided one by one.
+    pub fn closed_http(&self, outcome: Option<http::Outcome>) {
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        let Some(o) = outcome else {
+            return self.closed(None);
+        };
+        let result = if o.error.is_some() { "error" } else { "ok" };
+        tracing::info!(target: "access", conn = self.id, pod = %self.pod.name,
+              direction = self.direction, src = %self.src, dst = %self.dst(), tls = self.tls,
+              peer_identity = %self.peer_identity, peer_serial = %self.peer_serial,
+              policy_rule = %self.policy_rule, http_requests = o.requests,
+              http_denied = o.denied, duration_ms, outcome = result,
+              error = %o.error.unwrap_or_default(), "connection closed");
     }
 }
 

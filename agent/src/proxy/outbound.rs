@@ -17,7 +17,7 @@ use tokio_rustls::TlsConnector;
 use tracing::warn;
 
 use super::{pump::pump, Access, Pod, Shared};
-use crate::config::Mode;
+use crate::{authz::Verdict, config::Mode};
 
 /// Handshake failures that mean "the peer does not speak our TLS" rather than "the peer's
 /// identity is wrong".
@@ -53,6 +53,28 @@ pub(super) async fn handle(
     };
     let dst = orig_addr(&orig);
     log.dst = Some(dst);
+    // Egress policy: decided before any upstream connect.
+    let expected = shared
+        .known
+        .get(&dst.ip().to_canonical())
+        .map(String::as_str);
+    let decision = pod.policy.current().decide_egress(dst, expected);
+    log.policy_rule = decision.rule.clone();
+    if decision.verdict == Verdict::Deny {
+        shared.count(format!("egress_deny:{}", decision.rule));
+        super::reset(&client);
+        log.refused(
+            "denied",
+            "egress_policy",
+            &format!("denied by `{}`", decision.rule),
+        );
+        return;
+    }
+    if decision.audit_denied {
+        shared.count(format!("egress_audit_deny:{}", decision.rule));
+        warn!(pod = %pod.name, dst = %dst, rule = %decision.rule,
+              "audit: this outbound connection would be denied");
+    }
     // No source: the kernel picks the pod's own address. The socket is the agent's (its
     // cgroup), so the pod's connect programs leave it alone.
     let upstream = match pod.connect(None, dst, shared.connect_timeout).await {

@@ -46,6 +46,26 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") => rt.block_on(serve(&args)),
         Some("client") => rt.block_on(client(&args)),
+        Some("serve-http") => {
+            let addrs = args
+                .windows(2)
+                .filter(|w| w[0] == "--listen")
+                .map(|w| w[1].parse().expect("--listen ADDR"))
+                .collect();
+            rt.block_on(simnode::http_app::serve(addrs))
+        }
+        Some("http-client") => {
+            let to: SocketAddr = arg(&args, "--to").expect("--to ADDR");
+            let list: String = arg(&args, "--requests").expect("--requests 'GET /a,POST /b'");
+            let requests: Vec<(String, String)> = list
+                .split(',')
+                .filter_map(|r| r.trim().split_once(' '))
+                .map(|(m, p)| (m.to_string(), p.to_string()))
+                .collect();
+            let h2 = args.iter().any(|a| a == "--h2");
+            let summary = rt.block_on(simnode::http_app::client(to, &requests, h2));
+            println!("{}", serde_json::to_string(&summary).unwrap());
+        }
         _ => {
             eprintln!("usage: podapp serve --listen ADDR... | podapp client --to ADDR ...");
             std::process::exit(2);

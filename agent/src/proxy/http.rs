@@ -1,0 +1,231 @@
+//! Per-request authorization for HTTP/1.1 (keep-alive) and HTTP/2 (every stream), used when
+//! a pod's policy has HTTP rules for a connection.
+//!
+//! The agent terminates HTTP (hyper, version detected from the connection preface), decides
+//! each request, answers a denied one itself with 403 and a short reason (the connection
+//! lives on for the next request), and forwards an allowed one to the application over its
+//! own connection of the same HTTP version. The application never sees a denied request.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::warn;
+
+use super::{Pod, Shared};
+use crate::authz::{Conn, Request as AuthzRequest, Verdict};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The connection to the application, opened on the first allowed request.
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+struct Ctx {
+    id: u64,
+    pod: Arc<Pod>,
+    shared: Arc<Shared>,
+    identity: Option<String>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    app_src: SocketAddr,
+    trust_domain: String,
+    upstream: tokio::sync::Mutex<Option<Upstream>>,
+    requests: AtomicU64,
+    denied: AtomicU64,
+}
+
+/// What happened on an HTTP-inspected connection.
+pub struct Outcome {
+    pub requests: u64,
+    pub denied: u64,
+    pub error: Option<String>,
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the connection's facts, passed once"
+)]
+pub async fn serve<S>(
+    id: u64,
+    io: S,
+    pod: Arc<Pod>,
+    shared: Arc<Shared>,
+    identity: Option<String>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    app_src: SocketAddr,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(Ctx {
+        id,
+        trust_domain: pod.trust_domain(),
+        pod,
+        shared,
+        identity,
+        src,
+        dst,
+        app_src,
+        upstream: tokio::sync::Mutex::new(None),
+        requests: AtomicU64::new(0),
+        denied: AtomicU64::new(0),
+    });
+    let svc_ctx = ctx.clone();
+    let service = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), req));
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let result = builder.serve_connection(TokioIo::new(io), service).await;
+    Outcome {
+        requests: ctx.requests.load(Ordering::Relaxed),
+        denied: ctx.denied.load(Ordering::Relaxed),
+        error: result.err().map(|e| e.to_string()),
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    ctx.requests.fetch_add(1, Ordering::Relaxed);
+    let policy = ctx.pod.policy.current();
+    let conn = Conn {
+        identity: ctx.identity.as_deref(),
+        src: ctx.src.ip(),
+        port: ctx.dst.port(),
+    };
+    let headers = req.headers();
+    let has_header = |name: &str, value: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v == value))
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let decision = policy.decide_http(
+        &conn,
+        &AuthzRequest {
+            method: req.method().as_str(),
+            path,
+            has_header: &has_header,
+        },
+        &ctx.trust_domain,
+    );
+    if decision.verdict != Verdict::Allow {
+        ctx.denied.fetch_add(1, Ordering::Relaxed);
+        ctx.shared
+            .count(format!("authz_http_deny:{}", decision.rule));
+        warn!(target: "access", conn = ctx.id, pod = %ctx.pod.name, direction = "inbound",
+              kind = "http_request", src = %ctx.src, dst = %ctx.dst, method = %req.method(),
+              path = %path, policy_rule = %decision.rule, status = 403, "request denied");
+        return Ok(text(
+            StatusCode::FORBIDDEN,
+            format!("denied by policy rule `{}`\n", decision.rule),
+        ));
+    }
+    if decision.audit_denied {
+        ctx.shared
+            .count(format!("authz_http_audit_deny:{}", decision.rule));
+        warn!(pod = %ctx.pod.name, src = %ctx.src, method = %req.method(), path = %path,
+              rule = %decision.rule, "audit: this request would be denied");
+    } else {
+        ctx.shared
+            .count(format!("authz_http_allow:{}", decision.rule));
+    }
+    match forward(&ctx, req).await {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            warn!(pod = %ctx.pod.name, error = %e, "cannot forward the request to the application");
+            Ok(text(
+                StatusCode::BAD_GATEWAY,
+                "the application is unreachable\n".into(),
+            ))
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Headers that describe one hop, not the message.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
+async fn forward(
+    ctx: &Ctx,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
+    strip_hop_by_hop(req.headers_mut());
+    let mut upstream = ctx.upstream.lock().await;
+    if upstream.is_none() {
+        let tcp = ctx
+            .pod
+            .connect(Some(ctx.app_src), ctx.dst, ctx.shared.connect_timeout)
+            .await?;
+        *upstream = Some(if req.version() == Version::HTTP_2 {
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                    .await?;
+            tokio::spawn(conn);
+            Upstream::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            Upstream::H1(send)
+        });
+    }
+    let resp = match upstream.as_mut().expect("set above") {
+        Upstream::H2(send) => {
+            let mut send = send.clone();
+            // HTTP/2 streams run concurrently: do not hold the lock while one is in flight.
+            drop(upstream);
+            send.ready().await?;
+            send.send_request(req).await?
+        }
+        Upstream::H1(send) => {
+            // An HTTP/1.1 client connection serves one request at a time, in order: the
+            // same order the downstream connection delivers them.
+            if req.uri().scheme().is_some() {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                *req.uri_mut() = pq.parse()?;
+            }
+            send.ready().await?;
+            send.send_request(req).await?
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body.boxed()))
+}

@@ -1,0 +1,143 @@
+//! `agent policy check` and `agent policy eval`: offline, no privileges needed.
+
+use std::process::Command;
+
+use simnode::workspace_bin;
+
+fn agent(args: &[&str]) -> (i32, String) {
+    let out = Command::new(workspace_bin("agent"))
+        .args(args)
+        .output()
+        .expect("run agent");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn file(name: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("agent-policy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+const POLICY: &str = "default: authenticated\nrules:\n  - name: web\n    action: allow\n    from: { identities: [\"spiffe://td/ns/web/*\"] }\n    to: { ports: [8080] }\n  - name: no-admin\n    action: deny\n    http: { paths: [\"/admin*\"] }\n  - name: office\n    action: deny\n    from: { cidrs: [\"192.0.2.0/24\"] }\n";
+
+#[test]
+fn check_accepts_a_good_file_and_shows_the_default() {
+    let (code, out) = agent(&["policy", "check", &file("good.yaml", POLICY)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok, 3 rules, default Authenticated"), "{out}");
+}
+
+#[test]
+fn check_rejects_with_file_line_and_reason() {
+    let bad = file(
+        "bad.yaml",
+        "rules:\n  - name: a\n    action: allow\n    from: { cidrs: [\"10.1.2.3/33\"] }\n",
+    );
+    let (code, out) = agent(&["policy", "check", &bad]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("bad.yaml:4:") && out.contains("not a CIDR"),
+        "{out}"
+    );
+}
+
+#[test]
+fn eval_prints_the_decision_and_the_rule() {
+    let p = file("eval.yaml", POLICY);
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &[
+                "--from",
+                "spiffe://td/ns/web/sa/x",
+                "--port",
+                "8080",
+                "--method",
+                "GET",
+                "--path",
+                "/",
+            ],
+            0,
+            "ALLOW request by `web`",
+        ),
+        (
+            &[
+                "--from",
+                "spiffe://td/ns/web/sa/x",
+                "--port",
+                "8080",
+                "--method",
+                "GET",
+                "--path",
+                "/admin/x",
+            ],
+            1,
+            "DENY request by `no-admin`",
+        ),
+        (
+            &[
+                "--from",
+                "spiffe://td/ns/db/sa/x",
+                "--port",
+                "5432",
+                "--method",
+                "GET",
+                "--path",
+                "/",
+            ],
+            0,
+            "default authenticated",
+        ),
+        (
+            &[
+                "--from",
+                "192.0.2.7",
+                "--port",
+                "5432",
+                "--method",
+                "GET",
+                "--path",
+                "/",
+            ],
+            1,
+            "DENY connection by `office`",
+        ),
+        (
+            &[
+                "--from",
+                "unauthenticated",
+                "--port",
+                "5432",
+                "--method",
+                "GET",
+                "--path",
+                "/",
+            ],
+            1,
+            "DENY request by `default authenticated`",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let mut full = vec!["policy", "eval", "--policy", &p];
+        full.extend_from_slice(args);
+        let (c, out) = agent(&full);
+        assert_eq!((c, out.contains(needle)), (*code, true), "{args:?}: {out}");
+    }
+    let (c, out) = agent(&[
+        "policy",
+        "eval",
+        "--policy",
+        &p,
+        "--from",
+        "spiffe://td/ns/web/sa/x",
+        "--port",
+        "8080",
+    ]);
+    assert_eq!(c, 2, "HTTP rules need --method/--path: {out}");
+}
