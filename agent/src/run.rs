@@ -111,6 +111,16 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 
     wait_for_signal(&enrolled).await?;
     info!("stopping: no new connections; draining");
+    for e in &enrolled {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let policy = &e.pod.policy;
+        let (id_ok, id_failed) = e.pod.tls.as_ref().map_or((0, 0), |t| {
+            (get(&t.store.reloads_ok), get(&t.store.reloads_failed))
+        });
+        info!(pod = %e.spec.name, policy_reloads_ok = get(&policy.reloads_ok),
+              policy_reloads_failed = get(&policy.reloads_failed),
+              identity_reloads_ok = id_ok, identity_reloads_failed = id_failed, "reload counters");
+    }
 
     // New connections first stop reaching the listeners: fail-open pods lose their
     // programs (traffic goes direct), fail-closed pods are switched to refusing.

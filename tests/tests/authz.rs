@@ -211,6 +211,19 @@ fn reload_under_load_switches_rules_and_a_broken_file_keeps_the_old_policy() {
     let denied = decision(&agent, |e| e["outcome"] == "denied");
     assert_eq!(denied["policy_rule"], "flip");
     assert!(agent.stop().success());
+    let counters = agent.wait_for(
+        "reload counters",
+        |e| e["message"] == "reload counters",
+        WAIT,
+    );
+    assert!(
+        counters["policy_reloads_failed"].as_u64() >= Some(1),
+        "{counters}"
+    );
+    assert!(
+        counters["policy_reloads_ok"].as_u64() >= Some(2),
+        "{counters}"
+    );
 }
 
 #[test]

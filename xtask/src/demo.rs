@@ -39,6 +39,15 @@ pub fn run() -> Result<()> {
     ];
     println!("  `agent ca` issued SVIDs {TD}/client and {TD}/server");
 
+    let policy = node.tmp().join("server-policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "default: deny\nrules:\n  - name: client-may-call-8080\n    action: allow\n    \
+             from: {{ identities: [\"{TD}/client\"] }}\n    to: {{ ports: [8080] }}\n"
+        ),
+    )?;
+    println!("  pod `server`'s policy: default deny; allow {TD}/client to port 8080");
     let cfg = AgentConfig::new(&node)
         .set("mesh_networks = [\"10.213.0.0/16\", \"fd00:213::/32\"]")
         .pod_extra(
@@ -50,7 +59,8 @@ pub fn run() -> Result<()> {
             server,
             "closed",
             &format!(
-                "mode = \"strict\"\nexclude_inbound_ports = [{EXCLUDED_PORT}]\n{}",
+                "mode = \"strict\"\nexclude_inbound_ports = [{EXCLUDED_PORT}]\npolicy = \"{}\"\n{}",
+                policy.display(),
                 ids[1].toml()
             ),
         );
@@ -174,9 +184,10 @@ fn describe(r: &ConnResult, agent: &Agent, to: SocketAddr) {
     let via = out["via"].clone();
     if let Some(inb) = find(agent, |e| e["direction"] == "inbound" && e["src"] == via) {
         println!(
-            "    server side: steered by sk_lookup; {} from {}; to the app from {}; {} B in, {} B out, {} ms",
+            "    server side: steered by sk_lookup; {} from {}; allowed by `{}`;\n                 to the app from {}; {} B in, {} B out, {} ms",
             inb["tls"].as_str().unwrap_or("?"),
             inb["peer_identity"].as_str().unwrap_or("?"),
+            inb["policy_rule"].as_str().unwrap_or("?"),
             inb["via"].as_str().unwrap_or("?"),
             inb["bytes_sent"],
             inb["bytes_received"],
