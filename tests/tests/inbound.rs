@@ -7,7 +7,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use common::*;
-use simnode::{netns_links, workspace_bin, Agent, AgentConfig, Node, Pod};
+use simnode::{netns_links, Agent, AgentConfig, Pod};
 
 /// The source the agent uses towards the application (see agent-common).
 fn agent_source(v6: bool) -> IpAddr {
@@ -21,19 +21,6 @@ fn agent_source(v6: bool) -> IpAddr {
 /// The application saw this connection come from the agent (not from the client itself).
 fn via_agent(r: &simnode::proto::ConnResult, v6: bool) -> bool {
     sock(&r.server.as_ref().expect("server view").peer).ip() == agent_source(v6)
-}
-
-fn uninstall(node: &Node) {
-    let out = std::process::Command::new(workspace_bin("agent"))
-        .args(["uninstall", "--pin-root"])
-        .arg(node.pin_root())
-        .output()
-        .expect("agent uninstall");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Connects from `from` to `to` and returns the single result (which must have succeeded).

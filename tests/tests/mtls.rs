@@ -108,15 +108,6 @@ fn mutual_tls_between_pods_hides_the_bytes_and_reports_both_identities() {
     uninstall(&node);
 }
 
-fn uninstall(node: &Node) {
-    let out = Command::new(workspace_bin("agent"))
-        .args(["uninstall", "--pin-root"])
-        .arg(node.pin_root())
-        .output()
-        .expect("agent uninstall");
-    assert!(out.status.success());
-}
-
 /// Runs `openssl s_client` against `to` with ALPN agent.mtls/1, optionally presenting an
 /// SVID, sends one request of the test protocol and returns what came back.
 fn s_client(node: &Node, to: SocketAddr, svid: Option<&Svid>, ca: &std::path::Path) -> String {

@@ -343,17 +343,7 @@ fn sigterm_honours_fail_open_and_fail_closed() {
     );
 
     // Explicit uninstall removes everything; the pod's traffic goes direct.
-    let out = std::process::Command::new(workspace_bin("agent"))
-        .args(["uninstall", "--pin-root"])
-        .arg(pins)
-        .output()
-        .expect("agent uninstall");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("removed pins of pod c"));
+    assert!(uninstall(&node).contains("removed pins of pod c"));
     for pod in [a, c] {
         assert!(
             attached_programs(&pod.cgroup).is_empty(),
@@ -396,12 +386,7 @@ fn sigkill_leaves_a_fail_closed_pod_blocked_until_adopted() {
     );
     assert!(redirected(only(&c.client(to, &[]).results)));
     assert!(agent.stop().success());
-    let out = std::process::Command::new(workspace_bin("agent"))
-        .args(["uninstall", "--pin-root"])
-        .arg(node.pin_root())
-        .output()
-        .expect("agent uninstall");
-    assert!(out.status.success());
+    uninstall(&node);
     assert!(attached_programs(&c.cgroup).is_empty());
     assert!(!redirected(only(&c.client(to, &[]).results)));
 }

@@ -73,3 +73,18 @@ pub fn counter(agent: &Agent, name: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("no counter {name} in {counters}"))
 }
+
+/// `agent uninstall` for the node's pin root: removes what fail-closed pods left pinned.
+pub fn uninstall(node: &Node) -> String {
+    let out = std::process::Command::new(simnode::workspace_bin("agent"))
+        .args(["uninstall", "--pin-root"])
+        .arg(node.pin_root())
+        .output()
+        .expect("agent uninstall");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
