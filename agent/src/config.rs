@@ -103,6 +103,8 @@ pub struct FileConfig {
     pub protocol_detect_timeout_ms: Option<u64>,
     /// The policy of pods that name none (without one, such pods deny all inbound).
     pub default_policy: Option<PathBuf>,
+    /// The admin API's Unix socket (root-only).
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// One `[[workload]]` table: an address and the SPIFFE ID it must present.
@@ -236,6 +238,7 @@ pub struct Config {
     pub pods: Vec<PodConfig>,
     pub mesh_networks: Vec<IpNet>,
     pub workloads: Vec<(IpAddr, String)>,
+    pub admin_socket: PathBuf,
     #[serde(with = "millis")]
     pub protocol_detect_timeout: Duration,
 }
@@ -438,6 +441,10 @@ impl Config {
         Ok(Config {
             mesh_networks,
             workloads,
+            admin_socket: file
+                .admin_socket
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::admin::client::DEFAULT_SOCKET)),
             protocol_detect_timeout: Duration::from_millis(
                 file.protocol_detect_timeout_ms.unwrap_or(1000),
             ),
@@ -456,6 +463,12 @@ impl Config {
 
 fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
     let name = PodName::parse(&pod.name).map_err(|r| invalid(format!("{field}.name"), r))?;
+    if name.as_str() == crate::ebpf::dump::MAPS_DIR {
+        return Err(invalid(
+            format!("{field}.name"),
+            "`maps` is reserved (the agent pins its maps there)",
+        ));
+    }
     check_netns(&pod.netns).map_err(|r| invalid(format!("{field}.netns"), r))?;
     check_cgroup(&pod.cgroup).map_err(|r| invalid(format!("{field}.cgroup"), r))?;
     for (list, ports) in [

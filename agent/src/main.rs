@@ -2,9 +2,10 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use agent::{authz, ca, config, ebpf, run, telemetry};
+mod inspect;
 
-use clap::{Parser, Subcommand};
+use agent::{admin::client::Target, authz, ca, config, ebpf, run, telemetry};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "agent", version, about = "eBPF transparent interception agent")]
@@ -15,15 +16,53 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Enroll pods and proxy their outbound TCP connections.
+    /// Enroll pods: intercept, encrypt, authorize and proxy their TCP connections.
     Run(config::RunArgs),
-    /// Remove everything a stopped agent left pinned in the kernel (fail-closed pods).
-    /// Check a policy file, or evaluate a decision offline.
+    /// Version, uptime, kernel features and the programs attached per pod.
+    Status(Target),
+    /// The enrolled pods.
+    Pods(Target),
+    /// Live connections.
+    Conns {
+        #[command(flatten)]
+        target: Target,
+        /// Only this pod's.
+        #[arg(long)]
+        pod: Option<String>,
+    },
+    /// Each pod's certificate: SPIFFE ID, issuer, expiry.
+    Certs(Target),
+    /// One connection, from the kernel's redirect through TLS to the deciding rule.
+    Explain {
+        /// A connection id, or a client address `ip:port` as the agent saw it.
+        key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The agent's BPF maps, decoded from their pins (works while the daemon is down).
+    Maps {
+        #[arg(long, env = "AGENT_PIN_ROOT", default_value = config::DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        #[arg(long, short = 'o', value_enum, default_value_t = agent::admin::client::Output::Table)]
+        output: agent::admin::client::Output,
+    },
+    /// The Prometheus metrics page (OpenMetrics text), as a scraper sees it.
+    Metrics(Target),
+    /// Change the running agent's log filter (e.g. `debug`, `info,agent::proxy=trace`).
+    LogLevel {
+        filter: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Check a policy file, evaluate a decision offline, or show the policies in force.
     #[command(subcommand)]
     Policy(authz::cli::PolicyCmd),
     /// A development CA and SPIFFE SVIDs (for demos and tests).
     #[command(subcommand)]
     Ca(ca::CaCmd),
+    /// Shell completions: `agent completions bash > /etc/bash_completion.d/agent`.
+    Completions { shell: clap_complete::Shell },
+    /// Remove everything a stopped agent left pinned in the kernel (fail-closed pods).
     Uninstall {
         #[arg(long, env = "AGENT_PIN_ROOT", default_value = config::DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
@@ -63,6 +102,21 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "agent", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Cmd::Status(t) => inspect::run(&t, inspect::View::Status),
+        Cmd::Pods(t) => inspect::run(&t, inspect::View::Pods),
+        Cmd::Conns { target, pod } => inspect::run(&target, inspect::View::Conns(pod)),
+        Cmd::Certs(t) => inspect::run(&t, inspect::View::Certs),
+        Cmd::Metrics(t) => inspect::run(&t, inspect::View::Metrics),
+        Cmd::Explain { key, target } => inspect::run(&target, inspect::View::Explain(key)),
+        Cmd::LogLevel { filter, target } => inspect::run(&target, inspect::View::LogLevel(filter)),
+        Cmd::Policy(authz::cli::PolicyCmd::Show { target }) => {
+            inspect::run(&target, inspect::View::Policy)
+        }
+        Cmd::Maps { pin_root, output } => inspect::maps(&pin_root, output),
         Cmd::Policy(cmd) => {
             let (text, code) = authz::cli::run(cmd);
             if code == 0 {

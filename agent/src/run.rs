@@ -45,6 +45,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -61,7 +63,8 @@ struct Enrolled {
 
 pub async fn run(cfg: Config) -> Result<(), RunError> {
     raise_fd_limit();
-    let (mut kernel, orig_dst) = Kernel::load(telemetry::kernel_log_level(&cfg.log_level))?;
+    let (mut kernel, orig_dst) =
+        Kernel::load(telemetry::kernel_log_level(&cfg.log_level), &cfg.pin_root)?;
     kernel.spawn_log_forwarder()?;
     let (own_dir, own_id) = cgroup::own()?;
     kernel.pods.exempt_agent_cgroup(own_id)?;
@@ -97,19 +100,49 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             Err(err) => {
                 error!(pod = %spec.name, error = %err, "enrollment failed; releasing the pods enrolled so far");
                 shared.stop_accepting.cancel();
+                let keep_maps = enrolled
+                    .iter()
+                    .any(|e| e.spec.fail_mode == FailMode::Closed);
                 release(&mut kernel, enrolled);
+                if !keep_maps {
+                    crate::ebpf::dump::unpin_maps(&cfg.pin_root);
+                }
                 return Err(err);
             }
         }
     }
-    info!(
-        pods = enrolled.len(),
-        outbound_port = cfg.outbound_port,
-        inbound_port = cfg.inbound_port,
-        "agent ready"
+    let admin = crate::admin::Admin::new(
+        shared.clone(),
+        kernel.counters.clone(),
+        cfg.pin_root.clone(),
     );
+    *admin.pods.write().unwrap_or_else(|p| p.into_inner()) = enrolled
+        .iter()
+        .map(|e| crate::admin::PodView {
+            pod: e.pod.clone(),
+            netns: e.spec.netns.clone(),
+            cgroup: e.spec.cgroup.clone(),
+            netns_cookie: e.entry.netns_cookie,
+            fail_mode: format!("{:?}", e.spec.fail_mode).to_lowercase(),
+            programs: vec![
+                "cgroup/connect4",
+                "cgroup/connect6",
+                "sock_ops",
+                "sk_lookup",
+            ],
+        })
+        .collect();
+    admin.serve(&cfg.admin_socket)?;
+    admin
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(pods = enrolled.len(), outbound_port = cfg.outbound_port,
+          inbound_port = cfg.inbound_port, admin_socket = %cfg.admin_socket.display(), "agent ready");
 
     wait_for_signal(&enrolled).await?;
+    admin
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     info!("stopping: no new connections; draining");
     for e in &enrolled {
         let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -154,9 +187,15 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     } else {
         info!(drained = open_conns, "all connections finished");
     }
+    let keep_maps = !closed.is_empty();
     release(&mut kernel, closed);
     log_counters(&kernel);
+    if !keep_maps {
+        // Nothing of ours stays in the kernel, so neither do the maps' pins.
+        crate::ebpf::dump::unpin_maps(&cfg.pin_root);
+    }
     info!(counters = %serde_json::to_string(&shared.counters()).unwrap_or_default(), "proxy counters");
+    let _ = std::fs::remove_file(&cfg.admin_socket);
     info!("agent stopped");
     Ok(())
 }

@@ -46,9 +46,10 @@ impl AgentConfig {
         std::fs::write(&allow_all, "default: all\n").expect("write the allow-all policy");
         AgentConfig {
             head: format!(
-                "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\ndefault_policy = \"{}\"\n",
+                "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\ndefault_policy = \"{}\"\nadmin_socket = \"{}\"\n",
                 node.pin_root().display(),
-                allow_all.display()
+                allow_all.display(),
+                node.admin_socket().display()
             ),
             pods: String::new(),
         }

@@ -101,6 +101,11 @@ impl Node {
         &self.pin_root
     }
 
+    /// Where the agent of this node serves its admin API.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.tmp.join("admin.sock")
+    }
+
     /// A scratch directory for this node's files (certificates, configs); removed on drop.
     pub fn tmp(&self) -> &Path {
         &self.tmp

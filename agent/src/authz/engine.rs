@@ -195,6 +195,10 @@ impl Policy {
         )
     }
 
+    pub fn rule_names(&self) -> Vec<String> {
+        self.rules.iter().map(|r| r.name.clone()).collect()
+    }
+
     pub fn rule_count(&self) -> usize {
         self.rules.len()
     }

@@ -179,6 +179,12 @@ pub fn uninstall(pin_root: &Path, pod: Option<&str>) -> Result<Vec<String>, Ebpf
     for entry in entries {
         let entry = entry.map_err(io_err(pin_root))?;
         let name = entry.file_name().to_string_lossy().into_owned();
+        if name == super::dump::MAPS_DIR {
+            if pod.is_none() {
+                super::dump::unpin_maps(pin_root);
+            }
+            continue;
+        }
         if pod.is_some_and(|p| p != name) {
             continue;
         }
@@ -193,7 +199,7 @@ pub fn uninstall(pin_root: &Path, pod: Option<&str>) -> Result<Vec<String>, Ebpf
 
 /// Makes sure `pin_root` can hold pins: its nearest existing ancestor must be on bpffs.
 /// Mounts bpffs on /sys/fs/bpf when nothing is mounted there yet (as bpftool does).
-fn ensure_bpffs(pin_root: &Path) -> Result<(), EbpfError> {
+pub(super) fn ensure_bpffs(pin_root: &Path) -> Result<(), EbpfError> {
     let mut probe = pin_root;
     while !probe.exists() {
         probe = probe.parent().ok_or_else(|| {

@@ -26,13 +26,18 @@ pub struct Kernel {
     ebpf: Ebpf,
     pub pods: PodTable,
     pub listeners: InboundListeners,
-    pub counters: Counters,
+    pub counters: std::sync::Arc<Counters>,
 }
 
 impl Kernel {
     /// Loads and verifies every program. `kernel_log_level` is aya-log's level (0 = off,
     /// 1 error .. 5 trace); it is checked in the kernel, so quiet levels cost nothing.
-    pub fn load(kernel_log_level: u8) -> Result<(Self, OrigDstTable), EbpfError> {
+    /// Also pins the maps `agent maps` reads under `<pin_root>/maps/` (replacing those of
+    /// a previous agent), so they can be inspected from outside this process.
+    pub fn load(
+        kernel_log_level: u8,
+        pin_root: &std::path::Path,
+    ) -> Result<(Self, OrigDstTable), EbpfError> {
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
             .load(OBJECT)
@@ -52,6 +57,7 @@ impl Kernel {
             name: PROG_SK_LOOKUP,
             source,
         })?;
+        super::dump::pin_maps(&ebpf, pin_root)?;
         let pods = PodTable::new(PodMaps {
             config: take_map(&mut ebpf, MAP_POD_CONFIG)?,
             out_ports: take_map(&mut ebpf, MAP_EXCLUDED_PORTS)?,
@@ -75,7 +81,7 @@ impl Kernel {
                 ebpf,
                 pods,
                 listeners,
-                counters,
+                counters: std::sync::Arc::new(counters),
             },
             orig_dst,
         ))

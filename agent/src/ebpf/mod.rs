@@ -1,13 +1,14 @@
 //! Everything the agent does with the kernel's BPF subsystem: loading the embedded object,
 //! typed access to its maps, and attaching programs to pod cgroups with RAII links.
 
+pub mod dump;
 mod links;
 mod loader;
 mod maps;
 
 pub use links::{uninstall, PodLinks};
 pub use loader::Kernel;
-pub use maps::{addr16, OrigDstTable, PodEntry};
+pub use maps::{addr16, Counters, OrigDstTable, PodEntry};
 
 use std::path::PathBuf;
 

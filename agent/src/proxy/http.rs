@@ -121,6 +121,12 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         },
         &ctx.trust_domain,
     );
+    ctx.shared.metrics.authz(
+        ctx.pod.name.as_str(),
+        "http",
+        decision.verdict == Verdict::Allow,
+        &decision.rule,
+    );
     if decision.verdict != Verdict::Allow {
         ctx.denied.fetch_add(1, Ordering::Relaxed);
         ctx.shared

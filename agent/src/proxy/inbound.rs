@@ -95,7 +95,7 @@ pub(super) async fn handle(
     pod: Arc<Pod>,
     shared: Arc<Shared>,
 ) {
-    let mut log = Access::new(id, &pod, "inbound", peer);
+    let mut log = Access::new(id, &pod, &shared.metrics, "inbound", peer);
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(e) => {
@@ -120,6 +120,7 @@ pub(super) async fn handle(
             log.refused("closed_early", "client_closed", &"closed before sending")
         }
         (Detected::AgentTls, Some(tls)) => {
+            let started = std::time::Instant::now();
             let accept = tokio::time::timeout(
                 shared.connect_timeout,
                 TlsAcceptor::from(tls.server.clone()).accept(client),
@@ -129,6 +130,14 @@ pub(super) async fn handle(
                 Ok(Err(e)) => {
                     let reason = super::tls_reason(&e);
                     shared.count(format!("inbound_handshake_failed_{reason}"));
+                    shared
+                        .metrics
+                        .handshake_failures
+                        .get_or_create(&crate::metrics::ReasonLabels {
+                            direction: "inbound",
+                            reason: reason.to_string(),
+                        })
+                        .inc();
                     log.refused("tls_handshake_failed", reason, &e);
                     return;
                 }
@@ -138,6 +147,13 @@ pub(super) async fn handle(
                     return;
                 }
             };
+            shared
+                .metrics
+                .handshake_seconds
+                .get_or_create(&crate::metrics::DirLabels {
+                    direction: "inbound",
+                })
+                .observe(started.elapsed().as_secs_f64());
             log.tls_peer(stream.get_ref().1.peer_certificates());
             forward(&mut log, stream, &pod, &shared).await;
         }
@@ -183,6 +199,15 @@ where
     let policy = pod.policy.current();
     let decision = policy.decide_l4(&conn, &pod.trust_domain());
     log.policy_rule = decision.rule.clone();
+    log.publish();
+    if decision.verdict != Verdict::InspectHttp {
+        shared.metrics.authz(
+            pod.name.as_str(),
+            "inbound",
+            decision.verdict == Verdict::Allow,
+            &decision.rule,
+        );
+    }
     match decision.verdict {
         Verdict::Deny => {
             shared.count(format!("authz_deny:{}", decision.rule));
@@ -233,6 +258,7 @@ where
         }
     };
     log.via = super::local_addr_string(&app);
+    log.publish();
     let transfer = tokio::select! {
         t = pump(client, app) => Some(t),
         _ = shared.abort.cancelled() => None,

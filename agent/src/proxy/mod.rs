@@ -1,5 +1,6 @@
 //! The userspace proxy: listeners inside each pod's network namespace and the byte pumps.
 
+mod access;
 mod http;
 pub mod inbound;
 pub mod outbound;
@@ -19,6 +20,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::warn;
+
+pub(crate) use access::Access;
 
 use crate::{
     config::{Mode, PodName},
@@ -216,6 +219,7 @@ pub struct Shared {
     pub mesh_networks: Vec<ipnet::IpNet>,
     /// Known workloads' addresses and identities: in the mesh wherever they are.
     pub known: std::collections::HashMap<IpAddr, String>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Event counters of the proxy (handshake failures by reason, refusals, downgrades).
     counters: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Cancelled on SIGTERM: listeners stop accepting.
@@ -240,6 +244,7 @@ impl Shared {
             detect_timeout,
             mesh_networks,
             known,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             counters: Default::default(),
             stop_accepting: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -289,109 +294,6 @@ fn local_addr_string(stream: &TcpStream) -> String {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default()
-}
-
-/// One connection's access record, filled in as it goes and logged once at the end.
-pub(crate) struct Access<'a> {
-    pub id: u64,
-    pub pod: &'a Pod,
-    pub direction: &'static str,
-    pub src: SocketAddr,
-    pub dst: Option<SocketAddr>,
-    /// The agent's own end of the second leg (upstream source outbound, source towards the
-    /// application inbound).
-    pub via: String,
-    /// "mtls" or "none".
-    pub tls: &'static str,
-    /// The peer's verified SPIFFE ID, or "unauthenticated".
-    pub peer_identity: String,
-    /// The serial number of the certificate the peer presented.
-    pub peer_serial: String,
-    /// The policy rule that decided the connection.
-    pub policy_rule: String,
-    pub start: std::time::Instant,
-}
-
-impl<'a> Access<'a> {
-    pub fn new(id: u64, pod: &'a Pod, direction: &'static str, src: SocketAddr) -> Self {
-        Self {
-            id,
-            pod,
-            direction,
-            src,
-            dst: None,
-            via: String::new(),
-            tls: "none",
-            peer_identity: String::new(),
-            peer_serial: String::new(),
-            policy_rule: String::new(),
-            start: std::time::Instant::now(),
-        }
-    }
-
-    fn dst(&self) -> String {
-        self.dst.map(|d| d.to_string()).unwrap_or_default()
-    }
-
-    /// The connection ended before any byte was proxied.
-    pub fn refused(&self, outcome: &str, reason: &str, error: &dyn std::fmt::Display) {
-        warn!(target: "access", conn = self.id, pod = %self.pod.name, direction = self.direction,
-              src = %self.src, dst = %self.dst(), tls = self.tls, peer_identity = %self.peer_identity,
-              policy_rule = %self.policy_rule,
-              duration_ms = self.start.elapsed().as_millis() as u64, outcome, reason,
-              error = %error, "connection refused");
-    }
-
-    /// The connection was proxied; `None` means it was cut at the drain deadline.
-    pub fn closed(&self, transfer: Option<pump::Transfer>) {
-        let duration_ms = self.start.elapsed().as_millis() as u64;
-        let Some(t) = transfer else {
-            warn!(target: "access", conn = self.id, pod = %self.pod.name, direction = self.direction,
-                  src = %self.src, dst = %self.dst(), via = %self.via, tls = self.tls,
-                  peer_identity = %self.peer_identity, duration_ms,
-                  outcome = "aborted_at_shutdown", "connection cut: drain deadline passed");
-            return;
-        };
-        let outcome = if t.error.is_some() { "error" } else { "ok" };
-        let error = t.error.map(|e| e.to_string()).unwrap_or_default();
-        tracing::info!(target: "access", conn = self.id, pod = %self.pod.name,
-              direction = self.direction, src = %self.src, dst = %self.dst(), via = %self.via,
-              tls = self.tls, peer_identity = %self.peer_identity,
-              peer_serial = %self.peer_serial, policy_rule = %self.policy_rule,
-              bytes_sent = t.sent,
-              bytes_received = t.received, duration_ms, outcome, error = %error,
-              "connection closed");
-    }
-}
-
-impl Access<'_> {
-    /// Records the verified peer of an established TLS connection.
-    pub fn tls_peer(&mut self, certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) {
-        self.tls = "mtls";
-        if let Some(leaf) = certs.and_then(|c| c.first()) {
-            self.peer_identity = crate::identity::spiffe_id_of(leaf)
-                .map(|id| id.to_string())
-                .unwrap_or_default();
-            self.peer_serial = crate::identity::serial_of(leaf);
-        }
-    }
-}
-
-impl Access<'_> {
-    /// The end of a connection whose HTTP requests were decided one by one.
-    pub fn closed_http(&self, outcome: Option<http::Outcome>) {
-        let duration_ms = self.start.elapsed().as_millis() as u64;
-        let Some(o) = outcome else {
-            return self.closed(None);
-        };
-        let result = if o.error.is_some() { "error" } else { "ok" };
-        tracing::info!(target: "access", conn = self.id, pod = %self.pod.name,
-              direction = self.direction, src = %self.src, dst = %self.dst(), tls = self.tls,
-              peer_identity = %self.peer_identity, peer_serial = %self.peer_serial,
-              policy_rule = %self.policy_rule, http_requests = o.requests,
-              http_denied = o.denied, duration_ms, outcome = result,
-              error = %o.error.unwrap_or_default(), "connection closed");
-    }
 }
 
 /// The rustls error inside an I/O error from tokio-rustls, as a short reason.

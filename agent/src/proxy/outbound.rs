@@ -41,7 +41,7 @@ pub(super) async fn handle(
     pod: Arc<Pod>,
     shared: Arc<Shared>,
 ) {
-    let mut log = Access::new(id, &pod, "outbound", peer);
+    let mut log = Access::new(id, &pod, &shared.metrics, "outbound", peer);
     let key = SockKey::new(pod.id, addr16(peer.ip()), peer.port());
     let Some(orig) = shared.orig_dst.take(&key) else {
         log.refused(
@@ -60,6 +60,13 @@ pub(super) async fn handle(
         .map(String::as_str);
     let decision = pod.policy.current().decide_egress(dst, expected);
     log.policy_rule = decision.rule.clone();
+    log.publish();
+    shared.metrics.authz(
+        pod.name.as_str(),
+        "egress",
+        decision.verdict != Verdict::Deny,
+        &decision.rule,
+    );
     if decision.verdict == Verdict::Deny {
         shared.count(format!("egress_deny:{}", decision.rule));
         super::reset(&client);
@@ -86,15 +93,24 @@ pub(super) async fn handle(
         }
     };
     log.via = super::local_addr_string(&upstream);
+    log.publish();
     let in_mesh = shared.in_mesh(dst.ip());
     let transfer = match (&pod.tls, in_mesh) {
         (Some(tls), true) => {
             let connector = TlsConnector::from(tls.client.clone());
             let name = ServerName::IpAddress(dst.ip().to_canonical().into());
+            let started = std::time::Instant::now();
             let handshake =
                 tokio::time::timeout(shared.connect_timeout, connector.connect(name, upstream));
             let err = match handshake.await {
                 Ok(Ok(stream)) => {
+                    shared
+                        .metrics
+                        .handshake_seconds
+                        .get_or_create(&crate::metrics::DirLabels {
+                            direction: "outbound",
+                        })
+                        .observe(started.elapsed().as_secs_f64());
                     log.tls_peer(stream.get_ref().1.peer_certificates());
                     let transfer = tokio::select! {
                         t = pump(client, stream) => Some(t),
@@ -128,7 +144,7 @@ pub(super) async fn handle(
                     }
                 }
             } else {
-                return handshake_failed(&shared, &log, &client, &err);
+                return handshake_failed(&shared, &mut log, &client, &err);
             }
         }
         (tls, _) => {
@@ -148,9 +164,17 @@ pub(super) async fn handle(
     log.closed(transfer);
 }
 
-fn handshake_failed(shared: &Shared, log: &Access<'_>, client: &TcpStream, e: &std::io::Error) {
+fn handshake_failed(shared: &Shared, log: &mut Access<'_>, client: &TcpStream, e: &std::io::Error) {
     let reason = super::tls_reason(e);
     shared.count(format!("outbound_handshake_failed_{reason}"));
+    shared
+        .metrics
+        .handshake_failures
+        .get_or_create(&crate::metrics::ReasonLabels {
+            direction: "outbound",
+            reason: reason.to_string(),
+        })
+        .inc();
     super::reset(client);
     log.refused("tls_handshake_failed", reason, e);
 }

@@ -1,0 +1,379 @@
+//! The admin API: HTTP/1.1 on a Unix socket that only root may use (mode 0600, and the
+//! peer's credentials are checked on every connection). JSON for the CLI, OpenMetrics text
+//! for Prometheus.
+
+pub mod client;
+
+use std::{
+    convert::Infallible,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use crate::{
+    ebpf::Counters,
+    metrics::{write_counter, write_gauge},
+    proxy::{Pod, Shared},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the admin API knows about an enrolled pod.
+pub struct PodView {
+    pub pod: Arc<Pod>,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub netns_cookie: u64,
+    pub fail_mode: String,
+    pub programs: Vec<&'static str>,
+}
+
+pub struct Admin {
+    started: Instant,
+    pub ready: AtomicBool,
+    pub pods: std::sync::RwLock<Vec<PodView>>,
+    shared: Arc<Shared>,
+    counters: Arc<Counters>,
+    pin_root: PathBuf,
+}
+
+impl Admin {
+    pub fn new(shared: Arc<Shared>, counters: Arc<Counters>, pin_root: PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            ready: AtomicBool::new(false),
+            pods: Default::default(),
+            shared,
+            counters,
+            pin_root,
+        })
+    }
+
+    /// Binds the socket (root-only) and serves it until the process ends.
+    pub fn serve(self: &Arc<Self>, path: &Path) -> Result<(), AdminError> {
+        let err = |source| AdminError::Socket {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(err)?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(err)?;
+            }
+        }
+        // A socket left by a previous (crashed) agent.
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        info!(socket = %path.display(), "admin API listening (root only)");
+        let admin = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
+                let admin = admin.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let admin = admin.clone();
+                        async move { Ok::<_, Infallible>(admin.route(req, root).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(())
+    }
+
+    async fn route(&self, req: Request<Incoming>, root: bool) -> Response<Full<Bytes>> {
+        if !root {
+            warn!("admin API: refused a non-root client");
+            return reply(
+                StatusCode::FORBIDDEN,
+                &json!({"error": "the admin API is root-only"}),
+            );
+        }
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .map(|v| {
+                    v.replace("%3A", ":")
+                        .replace("%5B", "[")
+                        .replace("%5D", "]")
+                })
+        };
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/healthz") => reply(StatusCode::OK, &json!({"status": "ok"})),
+            (Method::GET, "/readyz") => {
+                let ready = self.ready.load(Ordering::Relaxed);
+                let code = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                reply(code, &json!({ "ready": ready }))
+            }
+            (Method::GET, "/status") => reply(StatusCode::OK, &self.status()),
+            (Method::GET, "/pods") => reply(StatusCode::OK, &self.pods_json()),
+            (Method::GET, "/conns") => {
+                let pod = param("pod");
+                let conns: Vec<_> = self
+                    .shared
+                    .metrics
+                    .live()
+                    .into_iter()
+                    .filter(|c| pod.as_ref().is_none_or(|p| &c.pod == p))
+                    .collect();
+                reply(StatusCode::OK, &json!(conns))
+            }
+            (Method::GET, "/explain") => {
+                match param("key").and_then(|k| self.shared.metrics.find(&k)) {
+                    Some((c, other)) => reply(
+                        StatusCode::OK,
+                        &json!({ "connection": c, "other_leg": other }),
+                    ),
+                    None => reply(
+                        StatusCode::NOT_FOUND,
+                        &json!({"error": "no live or recent connection with that id or address"}),
+                    ),
+                }
+            }
+            (Method::GET, "/certs") => reply(StatusCode::OK, &self.certs()),
+            (Method::GET, "/policy") => reply(StatusCode::OK, &self.policies()),
+            (Method::GET, "/maps") => match crate::ebpf::dump::dump(&self.pin_root) {
+                Ok(v) => reply(StatusCode::OK, &v),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({ "error": e })),
+            },
+            (Method::GET, "/metrics") => {
+                let mut resp = Response::new(Full::new(Bytes::from(self.metrics_text())));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                resp
+            }
+            (Method::PUT, "/loglevel") => {
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let filter = String::from_utf8_lossy(&body).trim().to_string();
+                match crate::telemetry::set_level(&filter) {
+                    Ok(()) => {
+                        info!(filter = %filter, "log level changed through the admin API");
+                        reply(StatusCode::OK, &json!({ "log_level": filter }))
+                    }
+                    Err(e) => reply(StatusCode::BAD_REQUEST, &json!({ "error": e })),
+                }
+            }
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                &json!({"error": format!("no endpoint {path}")}),
+            ),
+        }
+    }
+
+    fn status(&self) -> Value {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "ready": self.ready.load(Ordering::Relaxed),
+            "kernel": {
+                "release": release,
+                "features": ["cgroup/connect4", "cgroup/connect6", "sock_ops", "sk_lookup", "sockmap", "lpm_trie", "bpf_link", "netns_cookie"],
+            },
+            "connections_active": self.shared.metrics.live().len(),
+            "pods": pods.iter().map(|p| json!({"name": p.pod.name.as_str(), "programs": p.programs})).collect::<Vec<_>>(),
+        })
+    }
+
+    fn pods_json(&self) -> Value {
+        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        json!(pods
+            .iter()
+            .map(|p| {
+                let policy = p.pod.policy.current();
+                json!({
+                    "name": p.pod.name.as_str(),
+                    "pod_id": p.pod.id,
+                    "netns": p.netns,
+                    "netns_cookie": p.netns_cookie,
+                    "cgroup": p.cgroup,
+                    "addresses": p.pod.addrs,
+                    "fail_mode": p.fail_mode,
+                    "mode": format!("{:?}", p.pod.mode).to_lowercase(),
+                    "identity": p.pod.tls.as_ref().map(|t| t.store.current().spiffe_id.to_string()),
+                    "policy": policy.source,
+                    "programs": p.programs,
+                })
+            })
+            .collect::<Vec<_>>())
+    }
+
+    fn certs(&self) -> Value {
+        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let now = unix_now();
+        json!(pods
+            .iter()
+            .filter_map(|p| {
+                let id = p.pod.tls.as_ref()?.store.current();
+                Some(json!({
+                    "pod": p.pod.name.as_str(),
+                    "spiffe_id": id.spiffe_id.to_string(),
+                    "serial": id.serial,
+                    "issuer": id.issuer,
+                    "not_after": id.not_after,
+                    "expires_in_seconds": id.not_after - now,
+                }))
+            })
+            .collect::<Vec<_>>())
+    }
+
+    fn policies(&self) -> Value {
+        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        json!(pods
+            .iter()
+            .map(|p| {
+                let pol = p.pod.policy.current();
+                json!({
+                    "pod": p.pod.name.as_str(),
+                    "source": pol.source,
+                    "default": pol.default,
+                    "audit": pol.audit,
+                    "rules": pol.rule_names(),
+                })
+            })
+            .collect::<Vec<_>>())
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut extra = String::new();
+        let kernel: Vec<_> = self
+            .counters
+            .snapshot()
+            .into_iter()
+            .map(|(name, v)| (vec![("event", name.to_string())], v))
+            .collect();
+        write_counter(
+            &mut extra,
+            "ebpf_events",
+            "Events counted in the kernel programs (per-CPU maps, summed)",
+            &kernel,
+        );
+        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let mut reloads = Vec::new();
+        let mut expiry = Vec::new();
+        for p in pods.iter() {
+            let name = p.pod.name.to_string();
+            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            let pol = &p.pod.policy;
+            reloads.push((
+                vec![
+                    ("pod", name.clone()),
+                    ("kind", "policy".into()),
+                    ("result", "ok".into()),
+                ],
+                get(&pol.reloads_ok),
+            ));
+            reloads.push((
+                vec![
+                    ("pod", name.clone()),
+                    ("kind", "policy".into()),
+                    ("result", "rejected".into()),
+                ],
+                get(&pol.reloads_failed),
+            ));
+            if let Some(t) = &p.pod.tls {
+                reloads.push((
+                    vec![
+                        ("pod", name.clone()),
+                        ("kind", "identity".into()),
+                        ("result", "ok".into()),
+                    ],
+                    get(&t.store.reloads_ok),
+                ));
+                reloads.push((
+                    vec![
+                        ("pod", name.clone()),
+                        ("kind", "identity".into()),
+                        ("result", "rejected".into()),
+                    ],
+                    get(&t.store.reloads_failed),
+                ));
+                let id = t.store.current();
+                expiry.push((
+                    vec![
+                        ("pod", name.clone()),
+                        ("spiffe_id", id.spiffe_id.to_string()),
+                    ],
+                    id.not_after,
+                ));
+            }
+        }
+        write_counter(
+            &mut extra,
+            "reloads",
+            "Policy and identity reloads, by result",
+            &reloads,
+        );
+        write_gauge(
+            &mut extra,
+            "certificate_expiry_timestamp_seconds",
+            "When each pod's certificate expires (Unix time)",
+            &expiry,
+        );
+        self.shared.metrics.encode(&extra)
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn reply(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(v.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}

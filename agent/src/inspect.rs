@@ -1,0 +1,189 @@
+//! The inspection subcommands of the binary: fetch from the admin API, print a table or
+//! JSON, exit with a code scripts can rely on (see `agent::admin::client`).
+
+use std::{path::Path, process::ExitCode};
+
+use agent::admin::client::{self, Output, Target};
+use serde_json::Value;
+
+pub enum View {
+    Status,
+    Pods,
+    Conns(Option<String>),
+    Certs,
+    Policy,
+    Explain(String),
+    LogLevel(String),
+    Metrics,
+}
+
+pub fn run(target: &Target, view: View) -> ExitCode {
+    let (method, path, body) = match &view {
+        View::Status => ("GET", "/status".to_string(), String::new()),
+        View::Pods => ("GET", "/pods".into(), String::new()),
+        View::Conns(None) => ("GET", "/conns".into(), String::new()),
+        View::Conns(Some(p)) => ("GET", format!("/conns?pod={p}"), String::new()),
+        View::Certs => ("GET", "/certs".into(), String::new()),
+        View::Policy => ("GET", "/policy".into(), String::new()),
+        View::Explain(k) => (
+            "GET",
+            format!("/explain?key={}", k.replace(':', "%3A")),
+            String::new(),
+        ),
+        View::LogLevel(f) => ("PUT", "/loglevel".into(), f.clone()),
+        View::Metrics => ("GET", "/metrics".into(), String::new()),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return done(Err(client::Failure {
+                code: 5,
+                message: e.to_string(),
+            }))
+        }
+    };
+    let result = rt.block_on(client::call(&target.socket, method, &path, &body));
+    let (status, json, raw) = match result {
+        Ok(r) => r,
+        Err(f) => return done(Err(f)),
+    };
+    if status == 404 {
+        return done(Err(client::Failure {
+            code: 1,
+            message: json["error"].as_str().unwrap_or("not found").to_string(),
+        }));
+    }
+    if status >= 400 {
+        return done(Err(client::Failure {
+            code: 5,
+            message: json["error"]
+                .as_str()
+                .unwrap_or("the agent refused the request")
+                .to_string(),
+        }));
+    }
+    if matches!(view, View::Metrics) {
+        return done(Ok(raw.trim_end().to_string()));
+    }
+    let text = match target.output {
+        Output::Json => serde_json::to_string_pretty(&json).unwrap_or_default(),
+        Output::Table => render(&view, &json),
+    };
+    done(Ok(text))
+}
+
+fn render(view: &View, v: &Value) -> String {
+    let rows = v.as_array().cloned().unwrap_or_default();
+    match view {
+        View::Status => {
+            let pods = client::table(
+                v["pods"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                &[("name", "POD"), ("programs", "PROGRAMS")],
+            );
+            format!(
+                "agent {}  up {}s  ready {}  kernel {}  active connections {}\n\n{pods}",
+                v["version"].as_str().unwrap_or("?"),
+                v["uptime_seconds"],
+                v["ready"],
+                v["kernel"]["release"].as_str().unwrap_or("?"),
+                v["connections_active"]
+            )
+        }
+        View::Pods => client::table(
+            &rows,
+            &[
+                ("name", "POD"),
+                ("addresses", "ADDRESSES"),
+                ("mode", "MODE"),
+                ("fail_mode", "FAIL"),
+                ("identity", "IDENTITY"),
+                ("policy", "POLICY"),
+            ],
+        ),
+        View::Conns(_) => client::table(
+            &rows,
+            &[
+                ("id", "ID"),
+                ("pod", "POD"),
+                ("direction", "DIR"),
+                ("src", "SRC"),
+                ("dst", "DST"),
+                ("tls", "TLS"),
+                ("peer_identity", "PEER"),
+                ("policy_rule", "RULE"),
+                ("duration_ms", "MS"),
+            ],
+        ),
+        View::Certs => client::table(
+            &rows,
+            &[
+                ("pod", "POD"),
+                ("spiffe_id", "SPIFFE ID"),
+                ("issuer", "ISSUER"),
+                ("serial", "SERIAL"),
+                ("expires_in_seconds", "EXPIRES IN (s)"),
+            ],
+        ),
+        View::Policy => client::table(
+            &rows,
+            &[
+                ("pod", "POD"),
+                ("source", "SOURCE"),
+                ("default", "DEFAULT"),
+                ("audit", "AUDIT"),
+                ("rules", "RULES"),
+            ],
+        ),
+        View::Explain(_) => client::explain(v),
+        View::LogLevel(_) => format!(
+            "log level set to {}",
+            v["log_level"].as_str().unwrap_or("?")
+        ),
+        View::Metrics => String::new(),
+    }
+}
+
+/// `agent maps`: straight from the pins, no daemon needed.
+pub fn maps(pin_root: &Path, output: Output) -> ExitCode {
+    match agent::ebpf::dump::dump(pin_root) {
+        Err(e) => done(Err(client::Failure {
+            code: 3,
+            message: format!("no pinned maps under {}: {e} (is an agent, or a fail-closed pod it left, on this node?)", pin_root.display()),
+        })),
+        Ok(v) => done(Ok(match output {
+            Output::Json => serde_json::to_string_pretty(&v).unwrap_or_default(),
+            Output::Table => {
+                let section = |title: &str, rows: &Value, cols: &[(&str, &str)]| {
+                    format!("{title}\n{}\n", client::table(rows.as_array().map(Vec::as_slice).unwrap_or(&[]), cols))
+                };
+                let counters: Vec<Value> = v["COUNTERS"]
+                    .as_object()
+                    .map(|m| m.iter().map(|(k, n)| serde_json::json!({"event": k, "count": n})).collect())
+                    .unwrap_or_default();
+                [
+                    section("POD_CONFIG", &v["POD_CONFIG"], &[("pod_id", "POD ID"), ("netns_cookie", "NETNS COOKIE"), ("outbound_port", "OUT PORT"), ("fail_open", "FAIL OPEN"), ("blocked", "BLOCKED")]),
+                    section("POD_ADDRS", &v["POD_ADDRS"], &[("address", "ADDRESS"), ("pod_id", "POD ID")]),
+                    section("ORIG_DST (pending)", &v["ORIG_DST"], &[("pod_id", "POD ID"), ("client", "CLIENT"), ("original_destination", "ORIGINAL DESTINATION")]),
+                    section("COUNTERS", &Value::Array(counters), &[("event", "EVENT"), ("count", "COUNT")]),
+                ]
+                .join("\n")
+            }
+        })),
+    }
+}
+
+fn done(r: Result<String, client::Failure>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            eprintln!("agent: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! Prometheus metrics (OpenMetrics text via prometheus-client), and the registry of live and
+//! recently closed connections that the admin API and `agent explain` read.
+//!
+//! Names follow Prometheus conventions: `agent_` prefix, `_total` counters, base units
+//! (seconds, bytes), labels for direction, outcome, reason, rule.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fmt::Write,
+    sync::Mutex,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use serde::Serialize;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub direction: &'static str,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: &'static str,
+    /// `sent` (from the connection's initiator) or `received` (back to it).
+    pub flow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub direction: &'static str,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub pod: String,
+    /// `inbound`, `http` (per request) or `egress`.
+    pub scope: &'static str,
+    pub decision: &'static str,
+    pub rule: String,
+}
+
+/// How many closed connections `explain` can still find.
+const RECENT: usize = 4096;
+
+/// One connection as the admin API shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub pod: String,
+    pub direction: &'static str,
+    /// How the kernel brought the connection to the agent.
+    pub intercepted_by: &'static str,
+    pub src: String,
+    pub dst: String,
+    pub via: String,
+    pub tls: &'static str,
+    pub peer_identity: String,
+    pub peer_serial: String,
+    pub policy_rule: String,
+    pub state: &'static str,
+    pub outcome: String,
+    pub reason: String,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub opened: Family<DirLabels, Counter>,
+    pub closed: Family<CloseLabels, Counter>,
+    pub active: Family<DirLabels, Gauge>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub handshake_failures: Family<ReasonLabels, Counter>,
+    pub handshake_seconds: Family<DirLabels, Histogram>,
+    pub authz: Family<AuthzLabels, Counter>,
+    live: Mutex<BTreeMap<u64, ConnInfo>>,
+    recent: Mutex<VecDeque<ConnInfo>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("agent");
+        let opened = Family::<DirLabels, Counter>::default();
+        let closed = Family::<CloseLabels, Counter>::default();
+        let active = Family::<DirLabels, Gauge>::default();
+        let bytes = Family::<BytesLabels, Counter>::default();
+        let handshake_failures = Family::<ReasonLabels, Counter>::default();
+        let handshake_seconds = Family::<DirLabels, Histogram>::new_with_constructor(|| {
+            // 100 µs .. ~1.6 s: handshakes on a node are sub-millisecond to a few ms.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 2.0, 15,
+            ))
+        });
+        let authz = Family::<AuthzLabels, Counter>::default();
+        registry.register(
+            "connections_opened",
+            "Connections accepted by the proxy",
+            opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections ended, by outcome",
+            closed.clone(),
+        );
+        registry.register("connections_active", "Connections open now", active.clone());
+        registry.register("bytes", "Bytes proxied", bytes.clone());
+        registry.register(
+            "tls_handshake_failures",
+            "Mutual TLS handshakes that failed, by reason",
+            handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_handshake_duration_seconds",
+            "Time to complete a mutual TLS handshake",
+            handshake_seconds.clone(),
+        );
+        registry.register(
+            "authz_decisions",
+            "Authorization decisions, by the rule that made them",
+            authz.clone(),
+        );
+        Self {
+            registry,
+            opened,
+            closed,
+            active,
+            bytes,
+            handshake_failures,
+            handshake_seconds,
+            authz,
+            live: Mutex::new(BTreeMap::new()),
+            recent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    pub fn authz(&self, pod: &str, scope: &'static str, allow: bool, rule: &str) {
+        self.authz
+            .get_or_create(&AuthzLabels {
+                pod: pod.to_string(),
+                scope,
+                decision: if allow { "allow" } else { "deny" },
+                rule: rule.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn conn_opened(&self, info: ConnInfo) {
+        self.opened
+            .get_or_create(&DirLabels {
+                direction: info.direction,
+            })
+            .inc();
+        self.active
+            .get_or_create(&DirLabels {
+                direction: info.direction,
+            })
+            .inc();
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(info.id, info);
+    }
+
+    pub fn conn_update(&self, id: u64, f: impl FnOnce(&mut ConnInfo)) {
+        if let Some(c) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+        {
+            f(c);
+        }
+    }
+
+    pub fn conn_closed(&self, id: u64, f: impl FnOnce(&mut ConnInfo)) {
+        let Some(mut c) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+        else {
+            return;
+        };
+        f(&mut c);
+        c.state = "closed";
+        self.active
+            .get_or_create(&DirLabels {
+                direction: c.direction,
+            })
+            .dec();
+        self.closed
+            .get_or_create(&CloseLabels {
+                direction: c.direction,
+                outcome: c.outcome.clone(),
+            })
+            .inc();
+        self.bytes
+            .get_or_create(&BytesLabels {
+                direction: c.direction,
+                flow: "sent",
+            })
+            .inc_by(c.bytes_sent);
+        self.bytes
+            .get_or_create(&BytesLabels {
+                direction: c.direction,
+                flow: "received",
+            })
+            .inc_by(c.bytes_received);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(c);
+    }
+
+    pub fn live(&self) -> Vec<ConnInfo> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// A connection by id or by its client address (`ip:port` as the agent saw it), live
+    /// first, then the most recent closed one; with the other leg when the agent proxied
+    /// both ends (the outbound leg whose source is this connection's client, or the
+    /// inbound leg this outbound connection became).
+    pub fn find(&self, key: &str) -> Option<(ConnInfo, Option<ConnInfo>)> {
+        let primary = self.search(|c| c.id.to_string() == key || c.src == key)?;
+        let other = if primary.direction == "inbound" {
+            self.search(|c| c.direction == "outbound" && !c.via.is_empty() && c.via == primary.src)
+        } else {
+            self.search(|c| {
+                c.direction == "inbound" && !primary.via.is_empty() && c.src == primary.via
+            })
+        };
+        Some((primary, other))
+    }
+
+    fn search(&self, hit: impl Fn(&ConnInfo) -> bool) -> Option<ConnInfo> {
+        if let Some(c) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|c| hit(c))
+        {
+            return Some(c.clone());
+        }
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .find(|c| hit(c))
+            .cloned()
+    }
+
+    /// The exposition text: the registry, plus `extra` families (kernel counters, reloads,
+    /// certificate expiry) gathered at scrape time.
+    pub fn encode(&self, extra: &str) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
+        let mut text = body;
+        text.push_str(extra);
+        text.push_str("# EOF\n");
+        text
+    }
+}
+
+/// Appends one counter family in OpenMetrics text.
+pub fn write_counter(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, String)>, u64)],
+) {
+    let _ = writeln!(out, "# HELP agent_{name} {help}.");
+    let _ = writeln!(out, "# TYPE agent_{name} counter");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "agent_{name}_total{{{}}} {v}", labels_text(labels));
+    }
+}
+
+/// Appends one gauge family in OpenMetrics text.
+pub fn write_gauge(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: &[(Vec<(&str, String)>, i64)],
+) {
+    let _ = writeln!(out, "# HELP agent_{name} {help}.");
+    let _ = writeln!(out, "# TYPE agent_{name} gauge");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "agent_{name}{{{}}} {v}", labels_text(labels));
+    }
+}
+
+fn labels_text(labels: &[(&str, String)]) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
