@@ -105,6 +105,8 @@ pub struct FileConfig {
     pub default_policy: Option<PathBuf>,
     /// The admin API's Unix socket (root-only).
     pub admin_socket: Option<PathBuf>,
+    /// Optional loopback TCP address for health, readiness and metrics (off by default).
+    pub admin_tcp: Option<String>,
 }
 
 /// One `[[workload]]` table: an address and the SPIFFE ID it must present.
@@ -239,6 +241,7 @@ pub struct Config {
     pub mesh_networks: Vec<IpNet>,
     pub workloads: Vec<(IpAddr, String)>,
     pub admin_socket: PathBuf,
+    pub admin_tcp: Option<std::net::SocketAddr>,
     #[serde(with = "millis")]
     pub protocol_detect_timeout: Duration,
 }
@@ -438,7 +441,19 @@ impl Config {
                 .map_err(|r| invalid(format!("workload[{i}].identity"), r))?;
             workloads.push((ip, w.identity.clone()));
         }
+        let admin_tcp = match &file.admin_tcp {
+            None => None,
+            Some(text) => {
+                let addr = std::net::SocketAddr::from_str(text)
+                    .map_err(|e| invalid("admin_tcp", format!("`{text}` is not ip:port: {e}")))?;
+                if !addr.ip().is_loopback() {
+                    return Err(invalid("admin_tcp", format!("`{text}` is not a loopback address: the admin TCP port must not be reachable from the network")));
+                }
+                Some(addr)
+            }
+        };
         Ok(Config {
+            admin_tcp,
             mesh_networks,
             workloads,
             admin_socket: file

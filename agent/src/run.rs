@@ -133,6 +133,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         })
         .collect();
     admin.serve(&cfg.admin_socket)?;
+    if let Some(addr) = cfg.admin_tcp {
+        admin.serve_tcp(addr).await?;
+    }
     admin
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -45,6 +45,19 @@ impl Drop for TempCgroup {
     }
 }
 
+/// Like `assert_pod_rejected`, with a top-level line instead of a pod line.
+fn assert_pod_rejected_top(top: &str, needles: &[&str]) {
+    if !simnode::require_root("config test with a temporary cgroup") {
+        return;
+    }
+    let cg = TempCgroup::new();
+    let config = format!(
+        "{top}\n[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"{}\"\n",
+        cg.0.display()
+    );
+    assert_rejected(&config, needles);
+}
+
 /// Runs the agent with a pod whose netns and cgroup exist, so only the field under test is
 /// bad, and checks the rejection.
 fn assert_pod_rejected(extra: &str, needles: &[&str]) {
@@ -151,6 +164,14 @@ fn root_cgroup_is_refused() {
         cgroup2_root().display()
     );
     assert_rejected(&config, &["pod[0].cgroup", "root of the cgroup hierarchy"]);
+}
+
+#[test]
+fn admin_tcp_must_be_loopback() {
+    assert_pod_rejected_top(
+        "admin_tcp = \"0.0.0.0:15000\"",
+        &["admin_tcp", "not a loopback address"],
+    );
 }
 
 #[test]

@@ -238,7 +238,8 @@ fn the_metrics_page_parses_and_counts_the_traffic() {
     };
     let (a, b) = (node.pod("a"), node.pod("b"));
     let _srv = b.serve(&[8080, 9090]);
-    let mut agent = Agent::start(&setup(&node));
+    let tcp = free_loopback_port();
+    let mut agent = Agent::start(&setup(&node).set(&format!("admin_tcp = \"127.0.0.1:{tcp}\"")));
     let r = a.client(at(b, false, 8080), &["--count", "5", "--concurrency", "1"]);
     assert_eq!(r.ok, 5);
     assert_eq!(a.client(at(b, false, 9090), &[]).ok, 0, "denied by policy");
@@ -347,6 +348,10 @@ fn the_metrics_page_parses_and_counts_the_traffic() {
         ),
         0.0
     );
+    // The optional loopback TCP port serves metrics and health, and nothing else.
+    assert!(http_get(tcp, "/metrics").contains("agent_connections_opened_total"));
+    assert!(http_get(tcp, "/readyz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(tcp, "/conns").starts_with("HTTP/1.1 403"));
     assert!(agent.stop().success());
     uninstall(&node);
 }
@@ -394,4 +399,27 @@ fn the_admin_socket_refuses_non_root_clients() {
     );
     assert!(agent.stop().success());
     uninstall(&node);
+}
+
+fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A minimal HTTP/1.1 GET on loopback (the admin TCP port).
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin TCP port");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }

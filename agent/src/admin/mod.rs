@@ -109,6 +109,49 @@ impl Admin {
         Ok(())
     }
 
+    /// Also serves the read-only endpoints (health, readiness, metrics) on a loopback TCP
+    /// address, for scrapers and probes that cannot use a Unix socket. Nothing else is
+    /// reachable there: TCP carries no peer credentials.
+    pub async fn serve_tcp(self: &Arc<Self>, addr: std::net::SocketAddr) -> Result<(), AdminError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdminError::Socket {
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
+        info!(addr = %addr, "admin API (health, readiness, metrics only) listening on TCP");
+        let admin = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let admin = admin.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let admin = admin.clone();
+                        async move {
+                            let open =
+                                matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+                            Ok::<_, Infallible>(if open && req.method() == Method::GET {
+                                admin.route(req, true).await
+                            } else {
+                                reply(
+                                    StatusCode::FORBIDDEN,
+                                    &json!({"error": "only /healthz, /readyz and /metrics are served on TCP; use the Unix socket"}),
+                                )
+                            })
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(())
+    }
+
     async fn route(&self, req: Request<Incoming>, root: bool) -> Response<Full<Bytes>> {
         if !root {
             warn!("admin API: refused a non-root client");
@@ -215,7 +258,10 @@ impl Admin {
             "ready": self.ready.load(Ordering::Relaxed),
             "kernel": {
                 "release": release,
-                "features": ["cgroup/connect4", "cgroup/connect6", "sock_ops", "sk_lookup", "sockmap", "lpm_trie", "bpf_link", "netns_cookie"],
+                // Loaded and verified by this kernel at start (the agent refuses to run
+                // without any of them), and attached through BPF links.
+                "programs_loaded": ["cgroup/connect4", "cgroup/connect6", "sock_ops", "sk_lookup"],
+                "maps": ["hash", "lru_hash", "lpm_trie", "percpu_array", "sockmap", "ringbuf"],
             },
             "connections_active": self.shared.metrics.live().len(),
             "pods": pods.iter().map(|p| json!({"name": p.pod.name.as_str(), "programs": p.programs})).collect::<Vec<_>>(),
