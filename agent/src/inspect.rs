@@ -14,6 +14,7 @@ pub enum View {
     Policy,
     Explain(String),
     LogLevel(String),
+    LogFormat(String),
     Metrics,
 }
 
@@ -31,6 +32,7 @@ pub fn run(target: &Target, view: View) -> ExitCode {
             String::new(),
         ),
         View::LogLevel(f) => ("PUT", "/loglevel".into(), f.clone()),
+        View::LogFormat(f) => ("PUT", "/logformat".into(), f.clone()),
         View::Metrics => ("GET", "/metrics".into(), String::new()),
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -141,6 +143,10 @@ fn render(view: &View, v: &Value) -> String {
         View::LogLevel(_) => format!(
             "log level set to {}",
             v["log_level"].as_str().unwrap_or("?")
+        ),
+        View::LogFormat(_) => format!(
+            "log format set to {}",
+            v["log_format"].as_str().unwrap_or("?")
         ),
         View::Metrics => String::new(),
     }

@@ -48,6 +48,12 @@ enum Cmd {
     },
     /// The Prometheus metrics page (OpenMetrics text), as a scraper sees it.
     Metrics(Target),
+    /// Switch the running agent's log output between `json` and `human`.
+    LogFormat {
+        format: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Change the running agent's log filter (e.g. `debug`, `info,agent::proxy=trace`).
     LogLevel {
         filter: String,
@@ -113,6 +119,9 @@ fn main() -> ExitCode {
         Cmd::Metrics(t) => inspect::run(&t, inspect::View::Metrics),
         Cmd::Explain { key, target } => inspect::run(&target, inspect::View::Explain(key)),
         Cmd::LogLevel { filter, target } => inspect::run(&target, inspect::View::LogLevel(filter)),
+        Cmd::LogFormat { format, target } => {
+            inspect::run(&target, inspect::View::LogFormat(format))
+        }
         Cmd::Policy(authz::cli::PolicyCmd::Show { target }) => {
             inspect::run(&target, inspect::View::Policy)
         }

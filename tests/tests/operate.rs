@@ -164,6 +164,22 @@ fn every_inspection_command_against_a_running_agent() {
         WAIT,
     );
 
+    // Runtime log format: human, then back to JSON.
+    assert!(table(&node, &["log-format", "human"]).contains("human"));
+    assert!(only(&a.client(at(b, false, 8080), &[]).results).ok());
+    let human = |agent: &Agent| {
+        agent
+            .log_text()
+            .lines()
+            .any(|l| !l.starts_with('{') && l.contains("connection closed"))
+    };
+    agent.wait_for("a human-format access line", |_| human(&agent), WAIT);
+    assert!(table(&node, &["log-format", "json"]).contains("json"));
+    assert_eq!(
+        cli(&node, &["log-format", "xml"]).0,
+        5,
+        "bad format refused"
+    );
     let held = simnode::client_result(held);
     assert!(only(&held.results).ok());
     let closed = json(&node, &["explain", &key]);

@@ -224,6 +224,32 @@ impl Admin {
                 );
                 resp
             }
+            (Method::PUT, "/logformat") => {
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let text = String::from_utf8_lossy(&body).trim().to_lowercase();
+                let format = match text.as_str() {
+                    "json" => crate::config::LogFormat::Json,
+                    "human" => crate::config::LogFormat::Human,
+                    other => {
+                        return reply(
+                            StatusCode::BAD_REQUEST,
+                            &json!({"error": format!("`{other}` is not a log format (json or human)")}),
+                        )
+                    }
+                };
+                match crate::telemetry::set_format(format) {
+                    Ok(()) => {
+                        info!(format = %text, "log format changed through the admin API");
+                        reply(StatusCode::OK, &json!({ "log_format": text }))
+                    }
+                    Err(e) => reply(StatusCode::BAD_REQUEST, &json!({ "error": e })),
+                }
+            }
             (Method::PUT, "/loglevel") => {
                 let body = req
                     .into_body()
