@@ -234,6 +234,17 @@ fn every_inspection_command_against_a_running_agent() {
     assert_eq!(live["POD_CONFIG"].as_array().unwrap().len(), 2);
     assert!(live["COUNTERS"]["redirected"].as_u64().unwrap() >= 2);
     assert!(live["POD_ADDRS"].to_string().contains(&b.ip4.to_string()));
+    let out = Command::new(workspace_bin("agent"))
+        .args(["maps", "--pin-root", &pins])
+        .output()
+        .expect("agent maps");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("POD_ADDRS")
+            && text.contains(&b.ip4.to_string())
+            && text.contains("redirected"),
+        "{text}"
+    );
     assert!(agent.stop().success());
     assert_eq!(cli(&node, &["status"]).0, 3, "daemon down: exit 3");
     let (code, down) = maps(&node);
@@ -438,4 +449,19 @@ fn http_get(port: u16, path: &str) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+#[test]
+fn shell_completions_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(workspace_bin("agent"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("explain") && text.contains("conns"),
+            "{shell}"
+        );
+    }
 }
