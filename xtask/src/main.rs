@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | test | demo`.
 
+mod bench;
 mod demo;
 mod setup;
 mod sh;
@@ -23,6 +24,12 @@ enum Cmd {
     Test,
     /// Run the agent on a simulated two-pod node and show what it intercepted.
     Demo,
+    /// Side-by-side performance arms on a simulated node; results in target/bench/.
+    Bench {
+        /// A short run that only checks the harness (every arm runs and moves bytes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// Packages whose code is linted and tested (the eBPF crate is linted on the host too).
@@ -43,6 +50,34 @@ fn main() -> Result<()> {
             setup::run()?;
             build_bins()?;
             demo::run()
+        }
+        Cmd::Bench { quick } => {
+            setup::run()?;
+            if quick {
+                build_bins()?;
+            } else {
+                // Measure optimized binaries.
+                sh::run(
+                    "cargo",
+                    &[
+                        "build",
+                        "--release",
+                        "-p",
+                        "agent",
+                        "-p",
+                        "simnode",
+                        "--bins",
+                    ],
+                )?;
+                let release = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/");
+                for bin in ["agent", "loadgen", "podapp"] {
+                    std::env::set_var(
+                        format!("{}_BIN", bin.to_uppercase()),
+                        format!("{release}{bin}"),
+                    );
+                }
+            }
+            bench::run(quick)
         }
     }
 }
@@ -74,7 +109,9 @@ fn test() -> Result<()> {
         "--test-threads=1",
     ])?;
     // One closing line for the whole suite (cargo prints one per test binary).
-    println!("xtask test: {passed} passed, {failed} failed");
     anyhow::ensure!(passed > 0, "no test ran");
+    // Keep the benchmark harness from rotting: every arm must run and move bytes.
+    bench::run(true).context("the quick benchmark failed")?;
+    println!("xtask test: {passed} passed, {failed} failed");
     Ok(())
 }

@@ -1,0 +1,287 @@
+//! `loadgen`: the load generator and server of `cargo xtask bench`.
+//!
+//! Server: `loadgen serve --rr ADDR --sink ADDR [--size N]`. On `--rr` every connection
+//! is a loop of N-byte requests answered with N-byte responses; on `--sink` a connection
+//! is read to EOF and answered with the byte count (8 bytes, big-endian).
+//!
+//! Clients (each prints one JSON line):
+//! - `latency --to RR --rate R --conns C --size N --secs S`: open loop. Request k is due
+//!   at t0 + k/R and its latency is measured from that due time, so a stalled connection
+//!   counts every request it delays (no coordinated omission).
+//! - `closed --to RR --conns C --size N --secs S`: closed loop, maximum requests/s.
+//! - `bulk --to SINK --bytes B`: one stream, Gbit/s.
+//! - `connrate --to RR --conns C --size N --secs S`: a new connection per request.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: Option<T>) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .or(default)
+        .unwrap_or_else(|| panic!("missing or bad {name}"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let size: usize = arg(&args, "--size", Some(1024));
+    let secs: f64 = arg(&args, "--secs", Some(2.0));
+    let dur = Duration::from_secs_f64(secs);
+    let out = match args.first().map(String::as_str) {
+        Some("serve") => {
+            rt.block_on(serve(
+                arg(&args, "--rr", None),
+                arg(&args, "--sink", None),
+                size,
+            ));
+            return;
+        }
+        Some("latency") => rt.block_on(latency(
+            arg(&args, "--to", None),
+            arg(&args, "--rate", Some(1000.0)),
+            arg(&args, "--conns", Some(16)),
+            size,
+            dur,
+        )),
+        Some("closed") => rt.block_on(closed(
+            arg(&args, "--to", None),
+            arg(&args, "--conns", Some(16)),
+            size,
+            dur,
+        )),
+        Some("bulk") => rt.block_on(bulk(
+            arg(&args, "--to", None),
+            arg(&args, "--bytes", Some(1 << 30)),
+        )),
+        Some("connrate") => rt.block_on(connrate(
+            arg(&args, "--to", None),
+            arg(&args, "--conns", Some(4)),
+            size,
+            dur,
+        )),
+        _ => {
+            eprintln!("usage: loadgen serve|latency|closed|bulk|connrate ...");
+            std::process::exit(2);
+        }
+    };
+    println!("{out}");
+}
+
+async fn serve(rr: SocketAddr, sink: SocketAddr, size: usize) {
+    let rr = TcpListener::bind(rr).await.expect("bind rr");
+    let sink = TcpListener::bind(sink).await.expect("bind sink");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = sink.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                while let Ok(k) = s.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    println!("listening");
+    loop {
+        let Ok((mut s, _)) = rr.accept().await else {
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; size];
+            while s.read_exact(&mut buf).await.is_ok() {
+                if s.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(to).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+async fn round_trip(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    s.write_all(buf).await?;
+    s.read_exact(buf).await.map(|_| ())
+}
+
+/// Open loop on OS threads with blocking sockets: tokio's timer wheel has millisecond
+/// granularity, which would add up to 1 ms of schedule lag to every sample, while a thread
+/// sleeping in the kernel wakes within tens of microseconds.
+async fn latency(
+    to: SocketAddr,
+    rate: f64,
+    conns: usize,
+    size: usize,
+    dur: Duration,
+) -> serde_json::Value {
+    tokio::task::spawn_blocking(move || latency_threads(to, rate, conns, size, dur))
+        .await
+        .expect("latency threads")
+}
+
+fn latency_threads(
+    to: SocketAddr,
+    rate: f64,
+    conns: usize,
+    size: usize,
+    dur: Duration,
+) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let total = (rate * dur.as_secs_f64()).round() as u64;
+    let t0 = Instant::now() + Duration::from_millis(200);
+    let errors = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..conns as u64)
+        .map(|c| {
+            let errors = errors.clone();
+            std::thread::spawn(move || {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                let Ok(mut s) = std::net::TcpStream::connect(to) else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return h;
+                };
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![7u8; size];
+                // This connection's share: requests c, c+conns, c+2*conns, ...
+                let mut k = c;
+                while k < total {
+                    let due = t0 + Duration::from_secs_f64(k as f64 / rate);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if s.write_all(&buf)
+                        .and_then(|()| s.read_exact(&mut buf))
+                        .is_err()
+                    {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    let _ = h.record(due.elapsed().as_micros().max(1) as u64);
+                    k += conns as u64;
+                }
+                h
+            })
+        })
+        .collect();
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+    for t in threads {
+        if let Ok(part) = t.join() {
+            let _ = h.add(part);
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64().max(1e-9);
+    json!({
+        "workload": "latency", "requests": h.len(), "errors": errors.load(Ordering::Relaxed),
+        "rps": h.len() as f64 / elapsed, "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9),
+        "p99_us": h.value_at_quantile(0.99), "p999_us": h.value_at_quantile(0.999), "max_us": h.max(),
+    })
+}
+
+async fn closed(to: SocketAddr, conns: usize, size: usize, dur: Duration) -> serde_json::Value {
+    let done = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + dur;
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = connect(to).await else { return };
+                let mut buf = vec![7u8; size];
+                while Instant::now() < end && round_trip(&mut s, &mut buf).await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let n = done.load(Ordering::Relaxed);
+    json!({"workload": "closed", "requests": n, "rps": n as f64 / start.elapsed().as_secs_f64()})
+}
+
+async fn bulk(to: SocketAddr, bytes: u64) -> serde_json::Value {
+    let start = Instant::now();
+    let result: std::io::Result<u64> = async {
+        let mut s = connect(to).await?;
+        let buf = vec![7u8; 256 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            s.write_all(&buf[..n]).await?;
+            left -= n as u64;
+        }
+        s.shutdown().await?;
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).await?;
+        Ok(u64::from_be_bytes(count))
+    }
+    .await;
+    let secs = start.elapsed().as_secs_f64();
+    match result {
+        Ok(n) => json!({"workload": "bulk", "bytes": n, "gbit_s": n as f64 * 8.0 / secs / 1e9}),
+        Err(e) => json!({"workload": "bulk", "bytes": 0, "gbit_s": 0.0, "error": e.to_string()}),
+    }
+}
+
+async fn connrate(to: SocketAddr, conns: usize, size: usize, dur: Duration) -> serde_json::Value {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + dur;
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let (done, errors) = (done.clone(), errors.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![7u8; size];
+                while Instant::now() < end {
+                    let ok = async {
+                        let mut s = connect(to).await?;
+                        round_trip(&mut s, &mut buf).await
+                    }
+                    .await;
+                    match ok {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let n = done.load(Ordering::Relaxed);
+    json!({"workload": "connrate", "connections": n, "errors": errors.load(Ordering::Relaxed),
+           "per_s": n as f64 / start.elapsed().as_secs_f64()})
+}
