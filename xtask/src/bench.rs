@@ -20,6 +20,8 @@ struct Plan {
     rounds: usize,
     secs: f64,
     bulk_bytes: u64,
+    /// Idle proxied connections for the per-connection memory cost (last round only).
+    idle_conns: usize,
 }
 
 const ARMS: [&str; 3] = ["direct", "ebpf", "mtls"];
@@ -32,12 +34,17 @@ pub fn run(quick: bool) -> Result<()> {
             rounds: 1,
             secs: 0.4,
             bulk_bytes: 16 << 20,
+            idle_conns: 100,
         }
     } else {
         Plan {
             rounds: 5,
             secs: 3.0,
             bulk_bytes: 1 << 30,
+            // The issue asks for 10,000, but a proxied connection costs the agent two
+            // descriptors and these machines cap RLIMIT_NOFILE at 20,000 (no
+            // CAP_SYS_RESOURCE to raise it): 9,000 stays clear of that.
+            idle_conns: 9_000,
         }
     };
     crate::demo::sweep_stale();
@@ -82,7 +89,16 @@ pub fn run(quick: bool) -> Result<()> {
             };
             let pid = agent.as_ref().and_then(Agent::pid);
             let rss_idle = pid.map(rss_kib);
-            let result = workloads(client, server, &plan, pid);
+            let mut result = workloads(client, server, &plan, pid);
+            if let (Some(pid), Some(idle), true) = (pid, rss_idle, round + 1 == plan.rounds) {
+                if let Ok(r) = result.as_mut() {
+                    let (open, rss) = idle_rss(client, server, plan.idle_conns, pid)?;
+                    r["idle_conns_open"] = json!(open);
+                    r["agent_rss_loaded_kib"] = json!(rss);
+                    r["agent_kib_per_idle_conn"] =
+                        json!((rss.saturating_sub(idle)) as f64 / open.max(1) as f64);
+                }
+            }
             if let Some(a) = agent.as_mut() {
                 ensure!(
                     a.stop().success(),
@@ -193,6 +209,42 @@ fn workloads(client: &Pod, server: &Pod, plan: &Plan, agent: Option<u32>) -> Res
     }))
 }
 
+/// Opens `n` proxied connections, holds them, and reads the agent's RSS meanwhile.
+fn idle_rss(client: &Pod, server: &Pod, n: usize, pid: u32) -> Result<(usize, u64)> {
+    use std::io::BufRead;
+    let rr = SocketAddr::new(server.ip(false), RR_PORT).to_string();
+    let mut cmd = client.command("taskset");
+    cmd.args(["-c", "0"])
+        .arg(workspace_bin("loadgen"))
+        .args([
+            "idle",
+            "--to",
+            &rr,
+            "--conns",
+            &n.to_string(),
+            "--hold-ms",
+            "1500",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("spawn loadgen idle")?;
+    let stderr = child.stderr.take().context("loadgen stderr")?;
+    let line = std::io::BufReader::new(stderr)
+        .lines()
+        .next()
+        .transpose()?
+        .unwrap_or_default();
+    let open = serde_json::from_str::<Value>(&line)
+        .ok()
+        .and_then(|v| v["open"].as_u64())
+        .unwrap_or(0) as usize;
+    // Let the agent finish accepting before measuring.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let rss = rss_kib(pid);
+    let _ = child.wait();
+    Ok((open, rss))
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -226,7 +278,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn summarize(runs: &[Value]) -> Value {
-    let metrics: [(&str, &[&str]); 10] = [
+    let metrics: [(&str, &[&str]); 11] = [
         ("p50_us_1k", &["latency_1k", "p50_us"]),
         ("p99_us_1k", &["latency_1k", "p99_us"]),
         ("p999_us_1k", &["latency_1k", "p999_us"]),
@@ -240,6 +292,7 @@ fn summarize(runs: &[Value]) -> Value {
             &["agent_cpu_s_per_1k_requests"],
         ),
         ("agent_rss_idle_kib", &["agent_rss_idle_kib"]),
+        ("agent_kib_per_idle_conn", &["agent_kib_per_idle_conn"]),
     ];
     let mut out = serde_json::Map::new();
     for arm in ARMS {
@@ -281,15 +334,15 @@ fn markdown(s: &Value, quick: bool) -> String {
     } else {
         ""
     });
-    t.push_str("| arm | p50 µs @1k | p99 µs @1k | +p99 µs vs direct | p99.9 µs @1k | p99 µs @5k | closed-loop req/s (ratio) | bulk Gbit/s (ratio) | new conns/s (ratio) | agent CPU s / 1k req | agent RSS idle KiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    t.push_str("| arm | p50 µs @1k | p99 µs @1k | +p99 µs vs direct | p99.9 µs @1k | p99 µs @5k | closed-loop req/s (ratio) | bulk Gbit/s (ratio) | new conns/s (ratio) | agent CPU s / 1k req | agent RSS idle KiB | agent KiB / idle conn |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for arm in ARMS {
         let a = &s[arm];
         let f = |k: &str| a[k].as_f64().unwrap_or(0.0);
         t.push_str(&format!(
-            "| {arm} | {:.0} | {:.0} | {:+.0} | {:.0} | {:.0} | {:.0} ({:.2}x) | {:.2} ({:.2}x) | {:.0} ({:.2}x) | {:.4} | {:.0} |\n",
+            "| {arm} | {:.0} | {:.0} | {:+.0} | {:.0} | {:.0} | {:.0} ({:.2}x) | {:.2} ({:.2}x) | {:.0} ({:.2}x) | {:.4} | {:.0} | {:.1} |\n",
             f("p50_us_1k"), f("p99_us_1k"), f("added_p99_us_1k"), f("p999_us_1k"), f("p99_us_5k"),
             f("closed_rps"), f("closed_rps_ratio"), f("bulk_gbit_s"), f("bulk_ratio"),
-            f("conns_per_s"), f("conns_per_s_ratio"), f("agent_cpu_s_per_1k_requests"), f("agent_rss_idle_kib"),
+            f("conns_per_s"), f("conns_per_s_ratio"), f("agent_cpu_s_per_1k_requests"), f("agent_rss_idle_kib"), f("agent_kib_per_idle_conn"),
         ));
     }
     t

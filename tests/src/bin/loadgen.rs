@@ -10,7 +10,12 @@
 //!   counts every request it delays (no coordinated omission).
 //! - `closed --to RR --conns C --size N --secs S`: closed loop, maximum requests/s.
 //! - `bulk --to SINK --bytes B`: one stream, Gbit/s.
-//! - `connrate --to RR --conns C --size N --secs S`: a new connection per request.
+//! - `connrate --to RR --conns C --size N --secs S`: a new connection per request; each is
+//!   closed with a reset (linger 0) so the client's ephemeral ports are not held in
+//!   TIME_WAIT, which would otherwise cap the rate after a few seconds.
+//! - `idle --to RR --conns C --hold-ms H`: opens C connections, exchanges one request on
+//!   each, holds them all for H ms, and prints `{"open": C}` once they are all up (on
+//!   stderr, so a harness can measure while they are held).
 
 use std::{
     net::SocketAddr,
@@ -38,6 +43,7 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: Option<T>) ->
 }
 
 fn main() {
+    raise_fd_limit();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -71,6 +77,12 @@ fn main() {
         Some("bulk") => rt.block_on(bulk(
             arg(&args, "--to", None),
             arg(&args, "--bytes", Some(1 << 30)),
+        )),
+        Some("idle") => rt.block_on(idle(
+            arg(&args, "--to", None),
+            arg(&args, "--conns", Some(10_000)),
+            size,
+            Duration::from_millis(arg(&args, "--hold-ms", Some(3000))),
         )),
         Some("connrate") => rt.block_on(connrate(
             arg(&args, "--to", None),
@@ -124,15 +136,32 @@ async fn serve(rr: SocketAddr, sink: SocketAddr, size: usize) {
     }
 }
 
+/// Every network step is bounded, so a stuck connection is an error, not a hang.
+const STEP: Duration = Duration::from_secs(3);
+
+async fn bounded<T>(
+    f: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(STEP, f).await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "step timed out",
+        ))
+    })
+}
+
 async fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect(to).await?;
+    let s = bounded(TcpStream::connect(to)).await?;
     s.set_nodelay(true)?;
     Ok(s)
 }
 
 async fn round_trip(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
-    s.write_all(buf).await?;
-    s.read_exact(buf).await.map(|_| ())
+    bounded(async {
+        s.write_all(buf).await?;
+        s.read_exact(buf).await.map(|_| ())
+    })
+    .await
 }
 
 /// Open loop on OS threads with blocking sockets: tokio's timer wheel has millisecond
@@ -166,11 +195,13 @@ fn latency_threads(
             let errors = errors.clone();
             std::thread::spawn(move || {
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-                let Ok(mut s) = std::net::TcpStream::connect(to) else {
+                let Ok(mut s) = std::net::TcpStream::connect_timeout(&to, STEP) else {
                     errors.fetch_add(1, Ordering::Relaxed);
                     return h;
                 };
                 let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(STEP));
+                let _ = s.set_write_timeout(Some(STEP));
                 let mut buf = vec![7u8; size];
                 // This connection's share: requests c, c+conns, c+2*conns, ...
                 let mut k = c;
@@ -232,7 +263,7 @@ async fn closed(to: SocketAddr, conns: usize, size: usize, dur: Duration) -> ser
 
 async fn bulk(to: SocketAddr, bytes: u64) -> serde_json::Value {
     let start = Instant::now();
-    let result: std::io::Result<u64> = async {
+    let transfer = async {
         let mut s = connect(to).await?;
         let buf = vec![7u8; 256 * 1024];
         let mut left = bytes;
@@ -245,8 +276,15 @@ async fn bulk(to: SocketAddr, bytes: u64) -> serde_json::Value {
         let mut count = [0u8; 8];
         s.read_exact(&mut count).await?;
         Ok(u64::from_be_bytes(count))
-    }
-    .await;
+    };
+    let result: std::io::Result<u64> = tokio::time::timeout(Duration::from_secs(60), transfer)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "bulk transfer timed out",
+            ))
+        });
     let secs = start.elapsed().as_secs_f64();
     match result {
         Ok(n) => json!({"workload": "bulk", "bytes": n, "gbit_s": n as f64 * 8.0 / secs / 1e9}),
@@ -266,7 +304,9 @@ async fn connrate(to: SocketAddr, conns: usize, size: usize, dur: Duration) -> s
                 while Instant::now() < end {
                     let ok = async {
                         let mut s = connect(to).await?;
-                        round_trip(&mut s, &mut buf).await
+                        round_trip(&mut s, &mut buf).await?;
+                        // Linger 0 with a zero timeout never blocks: the close is a reset.
+                        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))
                     }
                     .await;
                     match ok {
@@ -284,4 +324,32 @@ async fn connrate(to: SocketAddr, conns: usize, size: usize, dur: Duration) -> s
     let n = done.load(Ordering::Relaxed);
     json!({"workload": "connrate", "connections": n, "errors": errors.load(Ordering::Relaxed),
            "per_s": n as f64 / start.elapsed().as_secs_f64()})
+}
+
+async fn idle(to: SocketAddr, conns: usize, size: usize, hold: Duration) -> serde_json::Value {
+    let mut open = Vec::with_capacity(conns);
+    let mut errors = 0u64;
+    let mut buf = vec![7u8; size];
+    for _ in 0..conns {
+        match connect(to).await {
+            Ok(mut s) => {
+                if round_trip(&mut s, &mut buf).await.is_ok() {
+                    open.push(s);
+                } else {
+                    errors += 1;
+                }
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    eprintln!("{}", json!({"open": open.len()}));
+    tokio::time::sleep(hold).await;
+    json!({"workload": "idle", "open": open.len(), "errors": errors})
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
