@@ -92,7 +92,10 @@ pub fn run(quick: bool) -> Result<()> {
             let mut result = workloads(client, server, &plan, pid);
             if let (Some(pid), Some(idle), true) = (pid, rss_idle, round + 1 == plan.rounds) {
                 if let Ok(r) = result.as_mut() {
-                    let (open, rss) = idle_rss(client, server, plan.idle_conns, pid)?;
+                    // The mtls arm's one agent serves both ends: four descriptors per
+                    // connection instead of two.
+                    let n = if arm == "mtls" { plan.idle_conns / 2 } else { plan.idle_conns };
+                    let (open, rss) = idle_rss(client, server, n, pid)?;
                     r["idle_conns_open"] = json!(open);
                     r["agent_rss_loaded_kib"] = json!(rss);
                     r["agent_kib_per_idle_conn"] =
