@@ -94,7 +94,11 @@ pub fn run(quick: bool) -> Result<()> {
                 if let Ok(r) = result.as_mut() {
                     // The mtls arm's one agent serves both ends: four descriptors per
                     // connection instead of two.
-                    let n = if arm == "mtls" { plan.idle_conns / 2 } else { plan.idle_conns };
+                    let n = if arm == "mtls" {
+                        plan.idle_conns / 2
+                    } else {
+                        plan.idle_conns
+                    };
                     let (open, rss) = idle_rss(client, server, n, pid)?;
                     r["idle_conns_open"] = json!(open);
                     r["agent_rss_loaded_kib"] = json!(rss);
