@@ -163,6 +163,21 @@ impl Metrics {
             .inc();
     }
 
+    pub fn handshake_done(&self, direction: &'static str, started: std::time::Instant) {
+        self.handshake_seconds
+            .get_or_create(&DirLabels { direction })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn handshake_failed(&self, direction: &'static str, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabels {
+                direction,
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     pub fn conn_opened(&self, info: ConnInfo) {
         self.opened
             .get_or_create(&DirLabels {

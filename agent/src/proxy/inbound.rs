@@ -130,14 +130,7 @@ pub(super) async fn handle(
                 Ok(Err(e)) => {
                     let reason = super::tls_reason(&e);
                     shared.count(format!("inbound_handshake_failed_{reason}"));
-                    shared
-                        .metrics
-                        .handshake_failures
-                        .get_or_create(&crate::metrics::ReasonLabels {
-                            direction: "inbound",
-                            reason: reason.to_string(),
-                        })
-                        .inc();
+                    shared.metrics.handshake_failed("inbound", reason);
                     log.refused("tls_handshake_failed", reason, &e);
                     return;
                 }
@@ -147,13 +140,7 @@ pub(super) async fn handle(
                     return;
                 }
             };
-            shared
-                .metrics
-                .handshake_seconds
-                .get_or_create(&crate::metrics::DirLabels {
-                    direction: "inbound",
-                })
-                .observe(started.elapsed().as_secs_f64());
+            shared.metrics.handshake_done("inbound", started);
             log.tls_peer(stream.get_ref().1.peer_certificates());
             forward(&mut log, stream, &pod, &shared).await;
         }

@@ -104,13 +104,7 @@ pub(super) async fn handle(
                 tokio::time::timeout(shared.connect_timeout, connector.connect(name, upstream));
             let err = match handshake.await {
                 Ok(Ok(stream)) => {
-                    shared
-                        .metrics
-                        .handshake_seconds
-                        .get_or_create(&crate::metrics::DirLabels {
-                            direction: "outbound",
-                        })
-                        .observe(started.elapsed().as_secs_f64());
+                    shared.metrics.handshake_done("outbound", started);
                     log.tls_peer(stream.get_ref().1.peer_certificates());
                     let transfer = tokio::select! {
                         t = pump(client, stream) => Some(t),
@@ -167,14 +161,7 @@ pub(super) async fn handle(
 fn handshake_failed(shared: &Shared, log: &mut Access<'_>, client: &TcpStream, e: &std::io::Error) {
     let reason = super::tls_reason(e);
     shared.count(format!("outbound_handshake_failed_{reason}"));
-    shared
-        .metrics
-        .handshake_failures
-        .get_or_create(&crate::metrics::ReasonLabels {
-            direction: "outbound",
-            reason: reason.to_string(),
-        })
-        .inc();
+    shared.metrics.handshake_failed("outbound", reason);
     super::reset(client);
     log.refused("tls_handshake_failed", reason, e);
 }
