@@ -225,13 +225,7 @@ impl Admin {
                 resp
             }
             (Method::PUT, "/logformat") => {
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let text = String::from_utf8_lossy(&body).trim().to_lowercase();
+                let text = body_text(req).await.to_lowercase();
                 let format = match text.as_str() {
                     "json" => crate::config::LogFormat::Json,
                     "human" => crate::config::LogFormat::Human,
@@ -251,13 +245,7 @@ impl Admin {
                 }
             }
             (Method::PUT, "/loglevel") => {
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let filter = String::from_utf8_lossy(&body).trim().to_string();
+                let filter = body_text(req).await;
                 match crate::telemetry::set_level(&filter) {
                     Ok(()) => {
                         info!(filter = %filter, "log level changed through the admin API");
@@ -431,6 +419,17 @@ impl Admin {
         );
         self.shared.metrics.encode(&extra)
     }
+}
+
+/// A small request body as trimmed text (empty when unreadable).
+async fn body_text(req: Request<Incoming>) -> String {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&body).trim().to_string()
 }
 
 fn unix_now() -> i64 {

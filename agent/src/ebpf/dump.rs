@@ -2,7 +2,7 @@
 //! `<pin_root>/maps/` and decoded from the pins, so the same view works whether the
 //! daemon is running or not (a stopped agent's fail-closed pods keep their maps alive).
 
-use std::{net::IpAddr, path::Path};
+use std::path::Path;
 
 use agent_common::{
     InboundPod, OrigDst, PodConfig, SockKey, COUNTER_NAMES, MAP_COUNTERS, MAP_ORIG_DST,
@@ -52,11 +52,7 @@ fn open(pin_root: &Path, name: &str) -> Result<Map, String> {
 }
 
 fn ip(addr: [u8; 16]) -> String {
-    let v6 = std::net::Ipv6Addr::from(addr);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4).to_string(),
-        None => IpAddr::V6(v6).to_string(),
-    }
+    super::ip_from16(addr).to_string()
 }
 
 /// Decodes the pinned maps into JSON.

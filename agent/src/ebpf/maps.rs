@@ -39,6 +39,15 @@ pub fn addr16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// The inverse of [`addr16`]: an IPv4-mapped address comes back as IPv4.
+pub fn ip_from16(addr: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
 /// Everything the kernel is told about one enrolled pod.
 #[derive(Debug, Clone)]
 pub struct PodEntry {

@@ -8,7 +8,7 @@ mod maps;
 
 pub use links::{uninstall, PodLinks};
 pub use loader::Kernel;
-pub use maps::{addr16, Counters, OrigDstTable, PodEntry};
+pub use maps::{addr16, ip_from16, Counters, OrigDstTable, PodEntry};
 
 use std::path::PathBuf;
 

@@ -5,10 +5,7 @@
 //! socket created inside the pod's network namespace (so the upstream sees the pod's own
 //! address), and pumps bytes both ways.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use agent_common::{OrigDst, SockKey};
 use rustls::pki_types::ServerName;
@@ -25,13 +22,7 @@ const NOT_SPEAKING_TLS: &[&str] = &["peer_closed", "timeout", "not_tls", "no_alp
 use crate::ebpf::addr16;
 
 fn orig_addr(orig: &OrigDst) -> SocketAddr {
-    let a = orig.addr;
-    let ip = if a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff {
-        IpAddr::V4(Ipv4Addr::new(a[12], a[13], a[14], a[15]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(a))
-    };
-    SocketAddr::new(ip, orig.port)
+    SocketAddr::new(crate::ebpf::ip_from16(orig.addr), orig.port)
 }
 
 pub(super) async fn handle(
@@ -168,6 +159,8 @@ fn handshake_failed(shared: &Shared, log: &mut Access<'_>, client: &TcpStream, e
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
     use super::*;
 
     #[test]
