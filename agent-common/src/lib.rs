@@ -36,11 +36,20 @@ pub const MAP_PROBE_PORTS: &str = "PROBE_PORTS";
 /// Node addresses that health probes come from (`[u8; 16]`).
 pub const MAP_PROBE_SOURCES: &str = "PROBE_SOURCES";
 
+/// Sockets of the loopback hop between an application and the agent in the same pod
+/// (SOCKHASH keyed by [`SpliceKey`]), for pods with acceleration on.
+pub const MAP_SPLICE: &str = "SPLICE";
+/// Connections whose first bytes went through TCP because the other end was not in
+/// [`MAP_SPLICE`] yet ([`SpliceKey`] to `u32`, LRU): they stay on TCP so bytes never
+/// overtake each other. A stale entry only costs a later connection its acceleration.
+pub const MAP_SPLICE_OFF: &str = "SPLICE_OFF";
+
 /// Program names, as the loader looks them up in the object.
 pub const PROG_CONNECT4: &str = "connect4";
 pub const PROG_CONNECT6: &str = "connect6";
 pub const PROG_SOCK_OPS: &str = "record_orig_dst";
 pub const PROG_SK_LOOKUP: &str = "steer_inbound";
+pub const PROG_SK_MSG: &str = "splice_msg";
 
 /// The source address of the agent's own connections to an application in its pod. Packets
 /// with a loopback source never arrive from the network (the kernel drops them as
@@ -59,6 +68,8 @@ pub const fn inbound_listener_index(pod_id: u32, v6: bool) -> u32 {
 pub const POD_FLAG_FAIL_OPEN: u32 = 1 << 0;
 /// The agent is gone and the pod is fail-closed: refuse every TCP connect.
 pub const POD_FLAG_BLOCK: u32 = 1 << 1;
+/// Splice the application-to-agent loopback hop in the kernel (sock_ops + sk_msg).
+pub const POD_FLAG_ACCELERATE: u32 = 1 << 2;
 
 pub const COUNTER_REDIRECTED: u32 = 0;
 pub const COUNTER_EXCLUDED_PORT: u32 = 1;
@@ -75,7 +86,10 @@ pub const COUNTER_INBOUND_NO_LISTENER: u32 = 11;
 pub const COUNTER_INBOUND_PROBE: u32 = 12;
 pub const COUNTER_INBOUND_AGENT_TO_APP: u32 = 13;
 pub const COUNTER_INBOUND_EXCLUDED: u32 = 14;
-pub const NUM_COUNTERS: u32 = 15;
+pub const COUNTER_SPLICE_ADDED: u32 = 15;
+pub const COUNTER_SPLICED_MESSAGES: u32 = 16;
+pub const COUNTER_SPLICE_FALLBACK: u32 = 17;
+pub const NUM_COUNTERS: u32 = 18;
 
 /// Human names of the counters, indexed like the `COUNTER_*` constants.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -94,6 +108,9 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "inbound_probe",
     "inbound_agent_to_app",
     "inbound_excluded",
+    "splice_added",
+    "spliced_messages",
+    "splice_fallback",
 ];
 
 /// What the kernel needs to know about an enrolled pod.
@@ -142,6 +159,34 @@ pub struct SockKey {
     pub _pad: u16,
     /// Network byte order; IPv4 is IPv4-mapped.
     pub addr: [u8; 16],
+}
+
+/// One end of a loopback hop inside a pod, as that socket sees it. The other end's key has
+/// local and remote swapped, which is how a message finds the socket to go to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SpliceKey {
+    /// The network namespace cookie: loopback addresses repeat in every pod.
+    pub netns: u64,
+    /// Network byte order; IPv4 is IPv4-mapped.
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    /// Host byte order.
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl SpliceKey {
+    /// The key of the socket at the other end of the same connection.
+    pub const fn peer(&self) -> Self {
+        Self {
+            netns: self.netns,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
 }
 
 /// An excluded destination port of one pod.
@@ -203,6 +248,7 @@ const _: () = assert!(core::mem::size_of::<SockKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CidrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<InboundPod>() == 8);
+const _: () = assert!(core::mem::size_of::<SpliceKey>() == 48);
 
 #[cfg(feature = "user")]
 mod user {
@@ -214,4 +260,5 @@ mod user {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::InboundPod {}
+    unsafe impl aya::Pod for super::SpliceKey {}
 }

@@ -6,6 +6,9 @@
 //! - `record_orig_dst` (sock_ops on the same cgroup): once the kernel has picked the source port
 //!   (TCP_CONNECT_CB, before the SYN leaves), re-key the original destination by
 //!   (pod, source address, source port), which is what the proxy sees after `accept()`.
+//!   Once connections are established it also feeds the splice of accelerated pods
+//!   (`splice`, with the `splice_msg` sk_msg program).
+//! - `steer_inbound` (sk_lookup, `inbound`): inbound interception.
 //!
 //! Entry points are thin; the logic lives in `try_*` functions returning `Result`.
 // On the host (clippy, and `cargo check`) this builds as an ordinary binary so that the
@@ -16,6 +19,7 @@
 
 mod inbound;
 mod maps;
+mod splice;
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
@@ -26,7 +30,10 @@ use agent_common::{
     COUNTER_REDIRECTED, COUNTER_UNKNOWN_NETNS, POD_FLAG_BLOCK,
 };
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, sock_ops},
     maps::lpm_trie::Key,
@@ -43,7 +50,7 @@ const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 pub(crate) const IPPROTO_TCP: u32 = 6;
 pub(crate) const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+pub(crate) const AF_INET6: u32 = 10;
 
 /// An IPv4 address with its 4 bytes in network order, as the kernel stores it.
 const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
@@ -286,9 +293,17 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
 
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return Ok(());
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => record(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            splice::track(ctx)
+        }
+        _ => Ok(()),
     }
+}
+
+#[inline(always)]
+fn record(ctx: &SockOpsContext) -> Result<(), i32> {
     // SAFETY: valid context pointer for this program type.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(orig) = CONNECT_ORIG.get_ptr(cookie) else {

@@ -1,10 +1,12 @@
 //! Map definitions. Names and layouts come from `agent-common`; the static names here must
 //! equal the `MAP_*` constants there (the loader fails loudly if one is missing).
 
-use agent_common::{CidrKey, InboundPod, OrigDst, PodConfig, PortKey, SockKey, NUM_COUNTERS};
+use agent_common::{
+    CidrKey, InboundPod, OrigDst, PodConfig, PortKey, SockKey, SpliceKey, NUM_COUNTERS,
+};
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 
 /// Enough for every pod a node runs, with room to spare.
@@ -49,6 +51,13 @@ pub static PROBE_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PO
 
 #[map]
 pub static PROBE_SOURCES: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
+
+/// Both ends of every accelerated app-to-agent connection on the node.
+#[map]
+pub static SPLICE: SockHash<SpliceKey> = SockHash::with_max_entries(MAX_PENDING, 0);
+
+#[map]
+pub static SPLICE_OFF: LruHashMap<SpliceKey, u32> = LruHashMap::with_max_entries(4096, 0);
 
 /// Adds one to a per-CPU counter; per-CPU so no atomics are needed.
 #[inline(always)]

@@ -107,6 +107,9 @@ pub struct FileConfig {
     pub admin_socket: Option<PathBuf>,
     /// Optional loopback TCP address for health, readiness and metrics (off by default).
     pub admin_tcp: Option<String>,
+    /// The SO_MARK the agent puts on its upstream sockets of `redirect = "iptables"` pods;
+    /// the pod's REDIRECT rule must skip it (`-m mark ! --mark N`).
+    pub upstream_mark: Option<u32>,
 }
 
 /// One `[[workload]]` table: an address and the SPIFFE ID it must present.
@@ -126,6 +129,18 @@ pub enum Mode {
     /// Plaintext is forwarded, marked unauthenticated.
     #[default]
     Permissive,
+}
+
+/// How a pod's outbound connections reach the agent.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Redirect {
+    /// The agent's connect4/6 programs on the pod's cgroup.
+    #[default]
+    Ebpf,
+    /// An iptables REDIRECT rule in the pod, installed by the operator (as sidecar meshes'
+    /// init containers do); the agent reads SO_ORIGINAL_DST.
+    Iptables,
 }
 
 /// One `[[pod]]` table of the config file.
@@ -155,6 +170,11 @@ pub struct PodFile {
     pub bundle: Option<PathBuf>,
     /// The pod's authorization policy (YAML).
     pub policy: Option<PathBuf>,
+    #[serde(default)]
+    pub redirect: Redirect,
+    /// Splice the application-to-agent loopback hop in the kernel (sock_ops + sk_msg).
+    #[serde(default)]
+    pub accelerate: bool,
 }
 
 /// A pod given on the command line: `name=N,netns=PATH,cgroup=PATH[,fail_mode=open]`.
@@ -195,6 +215,8 @@ impl FromStr for PodFlag {
             key: None,
             bundle: None,
             policy: None,
+            redirect: Redirect::default(),
+            accelerate: false,
         }))
     }
 }
@@ -244,6 +266,7 @@ pub struct Config {
     pub admin_tcp: Option<std::net::SocketAddr>,
     #[serde(with = "millis")]
     pub protocol_detect_timeout: Duration,
+    pub upstream_mark: Option<u32>,
 }
 
 /// A validated pod.
@@ -261,6 +284,8 @@ pub struct PodConfig {
     pub identity: Option<crate::identity::IdentityFiles>,
     /// The pod's own policy, else the node's default policy, else none (deny all).
     pub policy: Option<PathBuf>,
+    pub redirect: Redirect,
+    pub accelerate: bool,
 }
 
 /// A pod name that is safe to use as a path component.
@@ -398,6 +423,12 @@ impl Config {
             if p.policy.is_none() {
                 p.policy = file.default_policy.clone();
             }
+            if p.redirect == Redirect::Iptables && file.upstream_mark.is_none() {
+                return Err(invalid(
+                    format!("{field}.redirect"),
+                    "iptables needs `upstream_mark` (the mark the pod's REDIRECT rule skips), or the agent's own upstream connections would loop back to it",
+                ));
+            }
             if !names.insert(p.name.clone()) {
                 return Err(invalid(
                     format!("{field}.name"),
@@ -453,6 +484,7 @@ impl Config {
             }
         };
         Ok(Config {
+            upstream_mark: file.upstream_mark,
             admin_tcp,
             mesh_networks,
             workloads,
@@ -516,6 +548,12 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
             "strict needs an identity: set cert, key and bundle",
         ));
     }
+    if pod.accelerate && pod.redirect == Redirect::Iptables {
+        return Err(invalid(
+            format!("{field}.accelerate"),
+            "the splice needs redirect = \"ebpf\": behind an iptables REDIRECT the sockets do not see the agent's address",
+        ));
+    }
     let mut cidrs = Vec::new();
     for (j, text) in pod.exclude_cidrs.iter().enumerate() {
         cidrs
@@ -533,6 +571,8 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
         mode: pod.mode,
         identity,
         policy: pod.policy,
+        redirect: pod.redirect,
+        accelerate: pod.accelerate,
     })
 }
 

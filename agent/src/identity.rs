@@ -139,6 +139,8 @@ pub struct Identity {
     pub not_after: i64,
     pub serial: String,
     pub issuer: String,
+    /// Peer chains verified against this identity's bundle.
+    pub chain_cache: crate::tls::cache::ChainCache,
 }
 
 impl Identity {
@@ -210,6 +212,7 @@ impl Identity {
             not_after,
             serial,
             issuer,
+            chain_cache: Default::default(),
         })
     }
 }

@@ -3,7 +3,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use agent_common::{PodConfig as KernelPod, POD_FLAG_BLOCK, POD_FLAG_FAIL_OPEN};
+use agent_common::{
+    PodConfig as KernelPod, POD_FLAG_ACCELERATE, POD_FLAG_BLOCK, POD_FLAG_FAIL_OPEN,
+};
 use tokio::{
     signal::unix::{signal, SignalKind},
     task::JoinHandle,
@@ -12,7 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     cgroup,
-    config::{Config, FailMode, PodConfig},
+    config::{Config, FailMode, PodConfig, Redirect},
     ebpf::{EbpfError, Kernel, PodEntry, PodLinks},
     identity::IdentityStore,
     netns::Netns,
@@ -89,6 +91,19 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             .filter_map(|(ip, id)| Some((*ip, crate::identity::SpiffeId::parse(id).ok()?)))
             .collect(),
     );
+    // The agent's end of an accelerated hop is its own socket (its cgroup, not the pod's):
+    // sock_ops must see it too. Detached when the agent exits.
+    let _agent_sock_ops = if cfg.pods.iter().any(|p| p.accelerate) {
+        let dir = std::fs::File::open(&own_dir).map_err(|source| EbpfError::Io {
+            path: own_dir.clone(),
+            source,
+        })?;
+        let link = crate::ebpf::attach_sock_ops(&mut kernel, &dir)?;
+        info!(cgroup = %own_dir.display(), "acceleration: sock_ops attached to the agent's cgroup");
+        Some(link)
+    } else {
+        None
+    };
     let mut enrolled = Vec::new();
     let mut accept_loops = Vec::new();
     for (i, spec) in cfg.pods.iter().enumerate() {
@@ -124,12 +139,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             cgroup: e.spec.cgroup.clone(),
             netns_cookie: e.entry.netns_cookie,
             fail_mode: format!("{:?}", e.spec.fail_mode).to_lowercase(),
-            programs: vec![
-                "cgroup/connect4",
-                "cgroup/connect6",
-                "sock_ops",
-                "sk_lookup",
-            ],
+            programs: programs_of(&e.spec),
         })
         .collect();
     admin.serve(&cfg.admin_socket)?;
@@ -203,6 +213,19 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// What is attached for a pod, as `agent pods` shows it.
+fn programs_of(spec: &PodConfig) -> Vec<&'static str> {
+    let mut p = Vec::new();
+    if spec.redirect == Redirect::Ebpf {
+        p.extend(["cgroup/connect4", "cgroup/connect6", "sock_ops"]);
+    }
+    p.push("sk_lookup");
+    if spec.accelerate {
+        p.push("sk_msg (splice)");
+    }
+    p
+}
+
 fn enroll(
     kernel: &mut Kernel,
     cfg: &Config,
@@ -257,6 +280,10 @@ fn enroll(
         mode: spec.mode,
         tls,
         policy,
+        // Only the iptables rule needs to tell the agent's own connects apart.
+        upstream_mark: (spec.redirect == Redirect::Iptables)
+            .then_some(cfg.upstream_mark)
+            .flatten(),
     });
     watchers.extend(watcher);
     // Listeners exist before any connection can be steered to them.
@@ -272,6 +299,10 @@ fn enroll(
             pod_id: id,
             flags: if spec.fail_mode == FailMode::Open {
                 POD_FLAG_FAIL_OPEN
+            } else {
+                0
+            } | if spec.accelerate {
+                POD_FLAG_ACCELERATE
             } else {
                 0
             },
@@ -293,6 +324,7 @@ fn enroll(
         pod.netns.file(),
         &cfg.pin_root,
         pin,
+        spec.redirect == Redirect::Ebpf,
     )?;
     if replaced > 0 {
         info!(pod = %spec.name, replaced, "adopted the pod from a previous agent");

@@ -31,10 +31,16 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+const DEFAULT_LOG_LEVEL: &str = "info,agent_ebpf=debug";
+
+/// Set (to anything) to run the whole functional suite with the splice on in every pod.
+pub const ACCELERATE_ALL: &str = "SIMNODE_ACCELERATE";
+
 /// The agent's TOML config for a node, built up pod by pod.
 pub struct AgentConfig {
     head: String,
     pods: String,
+    log_level: String,
 }
 
 impl AgentConfig {
@@ -42,17 +48,37 @@ impl AgentConfig {
     /// so tests about interception are not also tests about authorization (the agent's
     /// own default, with no policy at all, is deny).
     pub fn new(node: &Node) -> Self {
+        Self::with_paths(node, node.pin_root(), &node.admin_socket())
+    }
+
+    /// A config for a second agent on the same node (as if on another node): its own pin
+    /// root and admin socket, named `name`.
+    pub fn another(node: &Node, name: &str) -> Self {
+        let pin_root = node.pin_root().join(name);
+        let admin = node.tmp().join(format!("admin-{name}.sock"));
+        Self::with_paths(node, &pin_root, &admin)
+    }
+
+    fn with_paths(node: &Node, pin_root: &std::path::Path, admin: &std::path::Path) -> Self {
         let allow_all = node.tmp().join("allow-all.yaml");
         std::fs::write(&allow_all, "default: all\n").expect("write the allow-all policy");
         AgentConfig {
             head: format!(
                 "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\ndefault_policy = \"{}\"\nadmin_socket = \"{}\"\n",
-                node.pin_root().display(),
+                pin_root.display(),
                 allow_all.display(),
-                node.admin_socket().display()
+                admin.display()
             ),
             pods: String::new(),
+            log_level: DEFAULT_LOG_LEVEL.into(),
         }
+    }
+
+    /// The agent's `--log-level` (tests read kernel debug events; the bench must not pay
+    /// for them).
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = level.into();
+        self
     }
 
     /// Adds a top-level `key = value` line.
@@ -71,8 +97,17 @@ impl AgentConfig {
         self.pod_extra(pod, fail_mode, &extra)
     }
 
-    /// Adds a pod with extra `key = value` lines in its table.
+    /// Adds a pod with extra `key = value` lines in its table. Under
+    /// [`ACCELERATE_ALL`], every pod that chose neither gets `accelerate = true`.
     pub fn pod_extra(mut self, pod: &Pod, fail_mode: &str, extra: &str) -> Self {
+        let accelerate = std::env::var_os(ACCELERATE_ALL).is_some()
+            && !extra.contains("accelerate")
+            && !extra.contains("redirect");
+        let extra = if accelerate {
+            format!("{extra}\naccelerate = true")
+        } else {
+            extra.to_string()
+        };
         self.pods.push_str(&format!(
             "\n[[pod]]\nname = \"{}\"\nnetns = \"{}\"\ncgroup = \"{}\"\nfail_mode = \"{fail_mode}\"\n{extra}\n",
             pod.name,
@@ -106,7 +141,7 @@ impl Agent {
         let path =
             std::env::temp_dir().join(format!("simnode-agent-{}.toml", crate::sys::run_id()));
         std::fs::write(&path, config.text()).expect("write agent config");
-        Self::spawn(cmd, path)
+        Self::spawn(cmd, path, &config.log_level)
     }
 
     /// Starts `agent run` with a config file written by the caller (kept afterwards).
@@ -114,18 +149,17 @@ impl Agent {
         let copy =
             std::env::temp_dir().join(format!("simnode-agent-{}.toml", crate::sys::run_id()));
         std::fs::copy(config, &copy).expect("copy agent config");
-        Self::spawn(Command::new(workspace_bin("agent")), copy)
+        Self::spawn(
+            Command::new(workspace_bin("agent")),
+            copy,
+            DEFAULT_LOG_LEVEL,
+        )
     }
 
-    fn spawn(mut cmd: Command, path: std::path::PathBuf) -> Agent {
+    fn spawn(mut cmd: Command, path: std::path::PathBuf, log_level: &str) -> Agent {
         cmd.args(["run", "--config"])
             .arg(&path)
-            .args([
-                "--log-format",
-                "json",
-                "--log-level",
-                "info,agent_ebpf=debug",
-            ])
+            .args(["--log-format", "json", "--log-level", log_level])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -178,3 +178,24 @@ fn admin_tcp_must_be_loopback() {
 fn no_pods() {
     assert_rejected("outbound_port = 15001\n", &["no pod to enroll"]);
 }
+
+#[test]
+fn iptables_redirect_needs_an_upstream_mark() {
+    assert_pod_rejected(
+        "redirect = \"iptables\"",
+        &["pod[0].redirect", "upstream_mark", "loop"],
+    );
+}
+
+#[test]
+fn acceleration_needs_the_ebpf_redirect() {
+    if !simnode::require_root("config test with a temporary cgroup") {
+        return;
+    }
+    let cg = TempCgroup::new();
+    let config = format!(
+        "upstream_mark = 7\n[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"{}\"\nredirect = \"iptables\"\naccelerate = true\n",
+        cg.0.display()
+    );
+    assert_rejected(&config, &["pod[0].accelerate", "redirect = \"ebpf\""]);
+}

@@ -29,6 +29,17 @@ enum Cmd {
         /// A short run that only checks the harness (every arm runs and moves bytes).
         #[arg(long)]
         quick: bool,
+        /// Only these arms (comma-separated): direct, iptables, ebpf, ebpf+skmsg, mtls,
+        /// haproxy-mtls.
+        #[arg(long, value_delimiter = ',')]
+        arms: Vec<String>,
+        /// Record a perf profile of the proxies during every workload
+        /// (target/bench/profile/ARM-WORKLOAD.txt).
+        #[arg(long)]
+        profile: bool,
+        /// Rounds per arm (default 5; 1 with --quick).
+        #[arg(long)]
+        rounds: Option<usize>,
     },
 }
 
@@ -51,7 +62,21 @@ fn main() -> Result<()> {
             build_bins()?;
             demo::run()
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench {
+            quick,
+            arms,
+            profile,
+            rounds,
+        } => {
+            let opts = bench::Opts {
+                quick,
+                arms: arms
+                    .iter()
+                    .map(|a| bench::Arm::parse(a))
+                    .collect::<Result<_>>()?,
+                profile,
+                rounds,
+            };
             setup::run()?;
             if quick {
                 build_bins()?;
@@ -77,7 +102,7 @@ fn main() -> Result<()> {
                     );
                 }
             }
-            bench::run(quick)
+            bench::run(&opts)
         }
     }
 }
@@ -97,21 +122,38 @@ fn test() -> Result<()> {
     sh::run("cargo", LINT).context("clippy found problems (shown above)")?;
     build_bins()?;
     // The privileged tests share the kernel (cgroup attachments, bpffs, CPU): one at a time.
-    let (passed, failed) = sh::cargo_test(&[
-        "test",
-        "--workspace",
-        "--exclude",
-        "agent-ebpf",
-        "--lib",
-        "--bins",
-        "--tests",
-        "--",
-        "--test-threads=1",
-    ])?;
+    let (passed, failed) = sh::cargo_test(
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            "agent-ebpf",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--",
+            "--test-threads=1",
+        ],
+        &[],
+    )?;
+    // The splice must not change behaviour: the whole functional suite again, with
+    // `accelerate = true` in every pod that does not choose otherwise.
+    let (passed_accel, failed_accel) = sh::cargo_test(
+        &["test", "-p", "simnode", "--tests", "--", "--test-threads=1"],
+        &[(simnode::agent::ACCELERATE_ALL, "1")],
+    )
+    .context("the functional suite failed with acceleration on")?;
+    let (passed, failed) = (passed + passed_accel, failed + failed_accel);
     // One closing line for the whole suite (cargo prints one per test binary).
     anyhow::ensure!(passed > 0, "no test ran");
     // Keep the benchmark harness from rotting: every arm must run and move bytes.
-    bench::run(true).context("the quick benchmark failed")?;
+    let quick = bench::Opts {
+        quick: true,
+        arms: Vec::new(),
+        profile: false,
+        rounds: None,
+    };
+    bench::run(&quick).context("the quick benchmark failed")?;
     println!("xtask test: {passed} passed, {failed} failed");
     Ok(())
 }

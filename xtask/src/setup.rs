@@ -19,6 +19,9 @@ const TOOL_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libzstd-dev",
     "openssl",
+    // The bench's reference arms: an iptables REDIRECT in the pod, and haproxy doing mTLS.
+    "iptables",
+    "haproxy",
 ];
 pub const EBPF_TOOLCHAIN: &str = "bpf-debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -40,9 +40,10 @@ pub fn output(cmd: &str, args: &[&str]) -> Result<String> {
 
 /// Runs `cargo test ...`, echoing its output, and adds up every binary's
 /// `test result: ... N passed; M failed` line. Fails if cargo fails.
-pub fn cargo_test(args: &[&str]) -> Result<(u64, u64)> {
+pub fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> Result<(u64, u64)> {
     let mut child = Command::new("cargo")
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot run cargo")?;

@@ -45,7 +45,8 @@ pub struct PodLinks {
 }
 
 impl PodLinks {
-    /// Attaches connect4, connect6 and sock_ops to `cgroup` and sk_lookup to `netns`. With
+    /// Attaches connect4, connect6 and sock_ops to `cgroup` (unless `redirect` is off: an
+    /// iptables rule does the pod's outbound redirect) and sk_lookup to `netns`. With
     /// `pin`, the blocking links are pinned under `pin_root/pod`. Links a previous agent
     /// left pinned for this pod are replaced without a gap: the old ones stay attached
     /// until the new ones are (in between, both run and the old ones may refuse: that
@@ -57,6 +58,7 @@ impl PodLinks {
         netns: &File,
         pin_root: &Path,
         pin: bool,
+        redirect: bool,
     ) -> Result<(Self, usize), EbpfError> {
         let dir = pin_root.join(pod.as_str());
         let old = take_pins(&dir)?;
@@ -75,7 +77,12 @@ impl PodLinks {
                 .map_err(|source| EbpfError::Pin { path, source })
         };
         let mut blocking = Vec::new();
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        let connect: &[&'static str] = if redirect {
+            &[PROG_CONNECT4, PROG_CONNECT6]
+        } else {
+            &[]
+        };
+        for &name in connect {
             let prog = kernel.connect_program(name)?;
             let id = prog
                 .attach(&cgroup_fd, ATTACH)
@@ -93,18 +100,11 @@ impl PodLinks {
         let id = prog.attach(netns).map_err(program_err)?;
         let link = prog.take_link(id).map_err(program_err)?;
         blocking.push(hold(PROG_SK_LOOKUP, FdLink::from(link))?);
-        let prog = kernel.sock_ops_program()?;
-        let id = prog
-            .attach(&cgroup_fd, ATTACH)
-            .map_err(|source| EbpfError::Program {
-                name: agent_common::PROG_SOCK_OPS,
-                source,
-            })?;
-        let link = prog.take_link(id).map_err(|source| EbpfError::Program {
-            name: agent_common::PROG_SOCK_OPS,
-            source,
-        })?;
-        let sock_ops = Some(FdLink::try_from(link)?);
+        let sock_ops = if redirect {
+            Some(attach_sock_ops(kernel, &cgroup_fd)?)
+        } else {
+            None
+        };
         let replaced = old.len();
         // Only now do the previous agent's links go: the new ones already mediate.
         drop(old);
@@ -144,6 +144,19 @@ impl PodLinks {
             .count();
         info!(dir = %self.dir.display(), pinned, "left pinned links in place");
     }
+}
+
+/// sock_ops on a cgroup, owned (it records original destinations and feeds the splice; a
+/// pod without it is not redirected by eBPF, so nothing depends on it outliving the agent).
+pub fn attach_sock_ops(kernel: &mut Kernel, cgroup: &File) -> Result<FdLink, EbpfError> {
+    let err = |source| EbpfError::Program {
+        name: agent_common::PROG_SOCK_OPS,
+        source,
+    };
+    let prog = kernel.sock_ops_program()?;
+    let id = prog.attach(cgroup, ATTACH).map_err(err)?;
+    let link = prog.take_link(id).map_err(err)?;
+    Ok(FdLink::try_from(link)?)
 }
 
 /// Unpins every link pinned under `dir`, keeping them attached as owned links.

@@ -3,11 +3,12 @@
 use agent_common::{
     MAP_AGENT_CGROUPS, MAP_CONNECT_ORIG, MAP_COUNTERS, MAP_EXCLUDED_CIDRS, MAP_EXCLUDED_PORTS,
     MAP_INBOUND_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_ORIG_DST, MAP_POD_ADDRS, MAP_POD_CONFIG,
-    MAP_PROBE_PORTS, MAP_PROBE_SOURCES, PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP,
-    PROG_SOCK_OPS,
+    MAP_PROBE_PORTS, MAP_PROBE_SOURCES, MAP_SPLICE, PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP,
+    PROG_SK_MSG, PROG_SOCK_OPS,
 };
 use aya::{
-    programs::{CgroupSockAddr, SkLookup, SockOps},
+    maps::SockHash,
+    programs::{CgroupSockAddr, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use tokio::io::unix::AsyncFd;
@@ -57,6 +58,7 @@ impl Kernel {
             name: PROG_SK_LOOKUP,
             source,
         })?;
+        attach_splice(&mut ebpf)?;
         super::dump::pin_maps(&ebpf, pin_root)?;
         let pods = PodTable::new(PodMaps {
             config: take_map(&mut ebpf, MAP_POD_CONFIG)?,
@@ -123,6 +125,32 @@ impl Kernel {
     pub fn sk_lookup_program(&mut self) -> Result<&mut SkLookup, EbpfError> {
         program(&mut self.ebpf, PROG_SK_LOOKUP)
     }
+}
+
+/// The sk_msg program is attached to the SPLICE sockhash for the agent's lifetime: it runs
+/// only for sockets that sock_ops put there, i.e. only in pods with acceleration on.
+fn attach_splice(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let missing = EbpfError::Missing {
+        kind: "map",
+        name: MAP_SPLICE,
+    };
+    let fd = {
+        let map = ebpf.map(MAP_SPLICE).ok_or(missing)?;
+        let hash: SockHash<_, agent_common::SpliceKey> =
+            SockHash::try_from(map).map_err(|source| EbpfError::Map {
+                name: MAP_SPLICE,
+                source,
+            })?;
+        hash.fd().try_clone().map_err(super::io_err(MAP_SPLICE))?
+    };
+    let err = |source| EbpfError::Program {
+        name: PROG_SK_MSG,
+        source,
+    };
+    let prog: &mut SkMsg = program(ebpf, PROG_SK_MSG)?;
+    prog.load().map_err(err)?;
+    prog.attach(&fd).map_err(err)?;
+    Ok(())
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>

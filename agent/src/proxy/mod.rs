@@ -57,6 +57,8 @@ pub struct Pod {
     /// Present when the pod has an identity: it then speaks mutual TLS with the mesh.
     pub tls: Option<PodTls>,
     pub policy: Arc<crate::authz::PolicyStore>,
+    /// SO_MARK for upstream sockets, so an iptables REDIRECT in the pod lets them pass.
+    pub upstream_mark: Option<u32>,
 }
 
 impl Pod {
@@ -132,6 +134,9 @@ impl Pod {
                 };
                 if let Some(src) = src {
                     sock.bind(src)?;
+                }
+                if let Some(mark) = self.upstream_mark {
+                    socket2::SockRef::from(&sock).set_mark(mark)?;
                 }
                 Ok(sock)
             })

@@ -33,16 +33,31 @@ pub(super) async fn handle(
     shared: Arc<Shared>,
 ) {
     let mut log = Access::new(id, &pod, &shared.metrics, "outbound", peer);
-    let key = SockKey::new(pod.id, addr16(peer.ip()), peer.port());
-    let Some(orig) = shared.orig_dst.take(&key) else {
-        log.refused(
-            "no_original_destination",
-            "not_redirected",
-            &"not redirected by the kernel (a direct connect to the agent's port?)",
-        );
-        return;
+    let dst = if pod.upstream_mark.is_some() {
+        // redirect = "iptables": the NAT table knows where the connection was going.
+        match original_dst_nat(&client) {
+            Ok(dst) => dst,
+            Err(e) => {
+                log.refused(
+                    "no_original_destination",
+                    "not_redirected",
+                    &format!("no SO_ORIGINAL_DST (is the pod's REDIRECT rule in place?): {e}"),
+                );
+                return;
+            }
+        }
+    } else {
+        let key = SockKey::new(pod.id, addr16(peer.ip()), peer.port());
+        let Some(orig) = shared.orig_dst.take(&key) else {
+            log.refused(
+                "no_original_destination",
+                "not_redirected",
+                &"not redirected by the kernel (a direct connect to the agent's port?)",
+            );
+            return;
+        };
+        orig_addr(&orig)
     };
-    let dst = orig_addr(&orig);
     log.dst = Some(dst);
     // Egress policy: decided before any upstream connect.
     let expected = shared
@@ -147,6 +162,28 @@ pub(super) async fn handle(
         }
     };
     log.closed(transfer);
+}
+
+/// The destination an iptables REDIRECT rewrote, from conntrack.
+fn original_dst_nat(client: &TcpStream) -> std::io::Result<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let v6 = client.local_addr()?.is_ipv6();
+    let addr = if v6 {
+        let a = getsockopt(client, sockopt::Ip6tOriginalDst).map_err(std::io::Error::from)?;
+        // sin6_port is in network byte order.
+        SocketAddr::new(
+            std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into(),
+            u16::from_be(a.sin6_port),
+        )
+    } else {
+        let a = getsockopt(client, sockopt::OriginalDst).map_err(std::io::Error::from)?;
+        // sin_addr and sin_port are in network byte order.
+        SocketAddr::new(
+            std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(),
+            u16::from_be(a.sin_port),
+        )
+    };
+    Ok(addr)
 }
 
 fn handshake_failed(shared: &Shared, log: &mut Access<'_>, client: &TcpStream, e: &std::io::Error) {

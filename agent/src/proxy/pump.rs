@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 const BUF: usize = 64 * 1024;
 /// ...while an idle or request/response connection keeps only this per direction (an idle
 /// proxied connection is mostly these two buffers).
-const BUF_START: usize = 4 * 1024;
+const BUF_START: usize = 2 * 1024;
 
 #[derive(Debug, Default)]
 pub struct Transfer {

@@ -1,7 +1,7 @@
 //! `loadgen`: the load generator and server of `cargo xtask bench`.
 //!
-//! Server: `loadgen serve --rr ADDR --sink ADDR [--size N]`. On `--rr` every connection
-//! is a loop of N-byte requests answered with N-byte responses; on `--sink` a connection
+//! Server: `loadgen serve --rr ADDR --sink ADDR [--count K]` (K pairs of ports from those). On `--rr` every connection is an echo
+//! (the client sends N bytes and reads N back); on `--sink` a connection
 //! is read to EOF and answered with the byte count (8 bytes, big-endian).
 //!
 //! Clients (each prints one JSON line):
@@ -57,6 +57,7 @@ fn main() {
             rt.block_on(serve(
                 arg(&args, "--rr", None),
                 arg(&args, "--sink", None),
+                arg(&args, "--count", Some(1)),
                 size,
             ));
             return;
@@ -98,37 +99,49 @@ fn main() {
     println!("{out}");
 }
 
-async fn serve(rr: SocketAddr, sink: SocketAddr, size: usize) {
-    let rr = TcpListener::bind(rr).await.expect("bind rr");
-    let sink = TcpListener::bind(sink).await.expect("bind sink");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = sink.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut n = 0u64;
-                while let Ok(k) = s.read(&mut buf).await {
-                    if k == 0 {
-                        break;
-                    }
-                    n += k as u64;
-                }
-                let _ = s.write_all(&n.to_be_bytes()).await;
-            });
-        }
-    });
+/// Serves `count` pairs of ports: rr.port + i and sink.port + i.
+async fn serve(rr: SocketAddr, sink: SocketAddr, count: u16, size: usize) {
+    for i in 0..count {
+        let at = |a: SocketAddr| SocketAddr::new(a.ip(), a.port() + i);
+        let rr = TcpListener::bind(at(rr)).await.expect("bind rr");
+        let sink = TcpListener::bind(at(sink)).await.expect("bind sink");
+        tokio::spawn(serve_sink(sink));
+        tokio::spawn(serve_rr(rr, size));
+    }
     println!("listening");
+    std::future::pending::<()>().await;
+}
+
+async fn serve_sink(sink: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = sink.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut n = 0u64;
+            while let Ok(k) = s.read(&mut buf).await {
+                if k == 0 {
+                    break;
+                }
+                n += k as u64;
+            }
+            let _ = s.write_all(&n.to_be_bytes()).await;
+        });
+    }
+}
+
+async fn serve_rr(rr: TcpListener, size: usize) {
     loop {
         let Ok((mut s, _)) = rr.accept().await else {
             continue;
         };
         let _ = s.set_nodelay(true);
         tokio::spawn(async move {
-            let mut buf = vec![0u8; size];
-            while s.read_exact(&mut buf).await.is_ok() {
-                if s.write_all(&buf).await.is_err() {
+            // An echo: the client decides the message size and reads back as much as it sent.
+            let mut buf = vec![0u8; size.max(64 * 1024)];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
                     break;
                 }
             }
@@ -235,8 +248,14 @@ fn latency_threads(
         "workload": "latency", "requests": h.len(), "errors": errors.load(Ordering::Relaxed),
         "rps": h.len() as f64 / elapsed, "p50_us": h.value_at_quantile(0.5), "p90_us": h.value_at_quantile(0.9),
         "p99_us": h.value_at_quantile(0.99), "p999_us": h.value_at_quantile(0.999), "max_us": h.max(),
+        "curve": CURVE.iter().map(|&q| json!([q, h.value_at_quantile(q)])).collect::<Vec<_>>(),
     })
 }
+
+/// The quantiles of the latency chart.
+const CURVE: [f64; 12] = [
+    0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998, 0.9999,
+];
 
 async fn closed(to: SocketAddr, conns: usize, size: usize, dur: Duration) -> serde_json::Value {
     let done = Arc::new(AtomicU64::new(0));
@@ -329,20 +348,27 @@ async fn connrate(to: SocketAddr, conns: usize, size: usize, dur: Duration) -> s
 async fn idle(to: SocketAddr, conns: usize, size: usize, hold: Duration) -> serde_json::Value {
     let mut open = Vec::with_capacity(conns);
     let mut errors = 0u64;
+    let mut first_error = None;
     let mut buf = vec![7u8; size];
     for _ in 0..conns {
-        match connect(to).await {
-            Ok(mut s) => {
-                if round_trip(&mut s, &mut buf).await.is_ok() {
-                    open.push(s);
-                } else {
-                    errors += 1;
-                }
+        let r = async {
+            let mut s = connect(to).await?;
+            round_trip(&mut s, &mut buf).await?;
+            Ok::<_, std::io::Error>(s)
+        }
+        .await;
+        match r {
+            Ok(s) => open.push(s),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| e.to_string());
             }
-            Err(_) => errors += 1,
         }
     }
-    eprintln!("{}", json!({"open": open.len()}));
+    eprintln!(
+        "{}",
+        json!({"open": open.len(), "errors": errors, "first_error": first_error})
+    );
     tokio::time::sleep(hold).await;
     json!({"workload": "idle", "open": open.len(), "errors": errors})
 }

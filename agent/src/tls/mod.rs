@@ -24,6 +24,8 @@ use rustls::{
 
 use crate::identity::{spiffe_id_of, IdentityStore, SpiffeId};
 
+pub mod cache;
+
 /// The ALPN protocol that marks an agent-to-agent connection.
 pub const ALPN: &[u8] = b"agent.mtls/1";
 
@@ -136,15 +138,25 @@ fn schemes() -> Vec<SignatureScheme> {
         .supported_schemes()
 }
 
-/// Chain to the bundle, then SPIFFE checks. Returns the peer's ID.
+/// Tags of the key usages in the chain cache's key.
+const USAGE_CLIENT: u8 = 1;
+const USAGE_SERVER: u8 = 2;
+
+/// Chain to the bundle (or a cached verdict for the same chain under the same bundle),
+/// then SPIFFE checks. Returns the peer's ID.
 fn verify_peer(
     store: &IdentityStore,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     usage: webpki::KeyUsage,
+    usage_tag: u8,
 ) -> Result<SpiffeId, Error> {
     let ours = store.current();
+    let key = cache::key(usage_tag, end_entity, intermediates);
+    if let Some(peer) = ours.chain_cache.get(&key, now.as_secs() as i64) {
+        return same_trust_domain(peer, &ours.spiffe_id);
+    }
     let ee = webpki::EndEntityCert::try_from(end_entity)
         .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
     let algs = provider().signature_verification_algorithms.all;
@@ -159,7 +171,13 @@ fn verify_peer(
             })
         })?;
     let peer = spiffe_id_of(end_entity).map_err(|r| Rejection::NoSpiffeId(r).into_error())?;
-    let td = ours.spiffe_id.trust_domain();
+    ours.chain_cache
+        .insert(key, peer.clone(), end_entity, intermediates);
+    same_trust_domain(peer, &ours.spiffe_id)
+}
+
+fn same_trust_domain(peer: SpiffeId, ours: &SpiffeId) -> Result<SpiffeId, Error> {
+    let td = ours.trust_domain();
     if peer.trust_domain() != td {
         let peer_td = peer.trust_domain().to_string();
         return Err(Rejection::TrustDomain(peer, peer_td, td.to_string()).into_error());
@@ -193,6 +211,7 @@ impl ClientCertVerifier for ClientVerifier {
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
+            USAGE_CLIENT,
         )
         .map(|_| ClientCertVerified::assertion())
     }
@@ -243,6 +262,7 @@ impl ServerCertVerifier for ServerVerifier {
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
+            USAGE_SERVER,
         )?;
         if let ServerName::IpAddress(ip) = server_name {
             if let Some(want) = self.expected.get(&IpAddr::from(*ip)) {
