@@ -173,8 +173,9 @@ pub struct PodFile {
     #[serde(default)]
     pub redirect: Redirect,
     /// Splice the application-to-agent loopback hop in the kernel (sock_ops + sk_msg).
+    /// Default: on with `redirect = "ebpf"` (the bench decided: docs/performance.md).
     #[serde(default)]
-    pub accelerate: bool,
+    pub accelerate: Option<bool>,
 }
 
 /// A pod given on the command line: `name=N,netns=PATH,cgroup=PATH[,fail_mode=open]`.
@@ -216,7 +217,7 @@ impl FromStr for PodFlag {
             bundle: None,
             policy: None,
             redirect: Redirect::default(),
-            accelerate: false,
+            accelerate: None,
         }))
     }
 }
@@ -548,7 +549,7 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
             "strict needs an identity: set cert, key and bundle",
         ));
     }
-    if pod.accelerate && pod.redirect == Redirect::Iptables {
+    if pod.accelerate == Some(true) && pod.redirect == Redirect::Iptables {
         return Err(invalid(
             format!("{field}.accelerate"),
             "the splice needs redirect = \"ebpf\": behind an iptables REDIRECT the sockets do not see the agent's address",
@@ -572,7 +573,7 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
         identity,
         policy: pod.policy,
         redirect: pod.redirect,
-        accelerate: pod.accelerate,
+        accelerate: pod.accelerate.unwrap_or(pod.redirect == Redirect::Ebpf),
     })
 }
 

