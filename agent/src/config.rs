@@ -173,9 +173,10 @@ pub struct PodFile {
     #[serde(default)]
     pub redirect: Redirect,
     /// Splice the application-to-agent loopback hop in the kernel (sock_ops + sk_msg).
-    /// Default: on with `redirect = "ebpf"` (the bench decided: docs/performance.md).
+    /// Off by default: the bench did not show a win at every message size
+    /// (docs/performance.md).
     #[serde(default)]
-    pub accelerate: Option<bool>,
+    pub accelerate: bool,
 }
 
 /// A pod given on the command line: `name=N,netns=PATH,cgroup=PATH[,fail_mode=open]`.
@@ -217,7 +218,7 @@ impl FromStr for PodFlag {
             bundle: None,
             policy: None,
             redirect: Redirect::default(),
-            accelerate: None,
+            accelerate: false,
         }))
     }
 }
@@ -549,7 +550,7 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
             "strict needs an identity: set cert, key and bundle",
         ));
     }
-    if pod.accelerate == Some(true) && pod.redirect == Redirect::Iptables {
+    if pod.accelerate && pod.redirect == Redirect::Iptables {
         return Err(invalid(
             format!("{field}.accelerate"),
             "the splice needs redirect = \"ebpf\": behind an iptables REDIRECT the sockets do not see the agent's address",
@@ -573,7 +574,7 @@ fn validate_pod(field: &str, pod: PodFile) -> Result<PodConfig, ConfigError> {
         identity,
         policy: pod.policy,
         redirect: pod.redirect,
-        accelerate: pod.accelerate.unwrap_or(pod.redirect == Redirect::Ebpf),
+        accelerate: pod.accelerate,
     })
 }
 

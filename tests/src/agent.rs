@@ -33,9 +33,9 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 
 const DEFAULT_LOG_LEVEL: &str = "info,agent_ebpf=debug";
 
-/// Set (to anything) to run the whole functional suite with the splice off in every pod
-/// (it is on by default).
-pub const NO_ACCELERATION: &str = "SIMNODE_NO_ACCELERATION";
+/// Set (to anything) to run the whole functional suite with the splice on in every pod
+/// that does not choose (it is off by default).
+pub const ACCELERATE_ALL: &str = "SIMNODE_ACCELERATE";
 
 /// The agent's TOML config for a node, built up pod by pod.
 pub struct AgentConfig {
@@ -98,12 +98,14 @@ impl AgentConfig {
         self.pod_extra(pod, fail_mode, &extra)
     }
 
-    /// Adds a pod with extra `key = value` lines in its table. Under [`NO_ACCELERATION`],
-    /// every pod that does not choose gets `accelerate = false`.
+    /// Adds a pod with extra `key = value` lines in its table. Under [`ACCELERATE_ALL`],
+    /// every pod that chooses neither `accelerate` nor `redirect` gets `accelerate = true`.
     pub fn pod_extra(mut self, pod: &Pod, fail_mode: &str, extra: &str) -> Self {
-        let plain = std::env::var_os(NO_ACCELERATION).is_some() && !extra.contains("accelerate");
-        let extra = if plain {
-            format!("{extra}\naccelerate = false")
+        let accelerate = std::env::var_os(ACCELERATE_ALL).is_some()
+            && !extra.contains("accelerate")
+            && !extra.contains("redirect");
+        let extra = if accelerate {
+            format!("{extra}\naccelerate = true")
         } else {
             extra.to_string()
         };

@@ -143,14 +143,13 @@ fn test() -> Result<()> {
         ],
         &[],
     )?;
-    // The splice (on by default) must not change behaviour: the whole functional suite
-    // again with `accelerate = false` in every pod that does not choose, so both modes
-    // are proven.
+    // The splice (off by default) must not change behaviour: the whole functional suite
+    // again with `accelerate = true` in every pod that does not choose otherwise.
     let (passed_accel, failed_accel) = sh::cargo_test(
         &["test", "-p", "simnode", "--tests", "--", "--test-threads=1"],
-        &[(simnode::agent::NO_ACCELERATION, "1")],
+        &[(simnode::agent::ACCELERATE_ALL, "1")],
     )
-    .context("the functional suite failed with acceleration off")?;
+    .context("the functional suite failed with acceleration on")?;
     let (passed, failed) = (passed + passed_accel, failed + failed_accel);
     // One closing line for the whole suite (cargo prints one per test binary).
     anyhow::ensure!(passed > 0, "no test ran");
