@@ -2,9 +2,9 @@
 //! (A B C A B C ...), medians and ratios to `direct` from the same run.
 //!
 //! Cores (2 on these machines): the load generator and the server run on CPU 0. For the
-//! throughput workloads every proxy (the agent, or both haproxy instances) runs on CPU 1,
-//! so its capacity is one core of its own. For the open-loop latency workloads the proxies
-//! move to CPU 0 too: on a VM an idle vCPU takes hundreds of microseconds to wake (a halt
+//! throughput workloads the client side's proxy (the agent, or the client-side haproxy)
+//! has CPU 1 to itself, and a server side's proxy (mtls, haproxy-mtls) shares CPU 0. For
+//! the open-loop latency workloads every proxy moves to CPU 0: on a VM an idle vCPU takes hundreds of microseconds to wake (a halt
 //! exit and an IPI through the hypervisor), which would dominate every request's latency
 //! and measure the hypervisor, not the proxy (`latency_cpu` in the report says which).
 
