@@ -47,12 +47,18 @@ impl Drop for TempCgroup {
 
 /// Like `assert_pod_rejected`, with a top-level line instead of a pod line.
 fn assert_pod_rejected_top(top: &str, needles: &[&str]) {
+    assert_rejected_with(top, "", needles);
+}
+
+/// A config with top-level lines `top` and one pod (whose netns and cgroup exist) with the
+/// lines `pod`, which must be rejected.
+fn assert_rejected_with(top: &str, pod: &str, needles: &[&str]) {
     if !simnode::require_root("config test with a temporary cgroup") {
         return;
     }
     let cg = TempCgroup::new();
     let config = format!(
-        "{top}\n[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"{}\"\n",
+        "{top}\n[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"{}\"\n{pod}\n",
         cg.0.display()
     );
     assert_rejected(&config, needles);
@@ -189,13 +195,9 @@ fn iptables_redirect_needs_an_upstream_mark() {
 
 #[test]
 fn acceleration_needs_the_ebpf_redirect() {
-    if !simnode::require_root("config test with a temporary cgroup") {
-        return;
-    }
-    let cg = TempCgroup::new();
-    let config = format!(
-        "upstream_mark = 7\n[[pod]]\nname = \"p\"\nnetns = \"/proc/self/ns/net\"\ncgroup = \"{}\"\nredirect = \"iptables\"\naccelerate = true\n",
-        cg.0.display()
+    assert_rejected_with(
+        "upstream_mark = 7",
+        "redirect = \"iptables\"\naccelerate = true",
+        &["pod[0].accelerate", "redirect = \"ebpf\""],
     );
-    assert_rejected(&config, &["pod[0].accelerate", "redirect = \"ebpf\""]);
 }
