@@ -118,29 +118,58 @@ pub fn reason(e: &Error) -> &'static str {
     }
 }
 
-/// TLS 1.3 handshake signatures, checked with the one provider (both verifiers).
-fn tls13_signature(
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, Error> {
-    rustls::crypto::verify_tls13_signature(
-        message,
-        cert,
-        dss,
-        &provider().signature_verification_algorithms,
-    )
+/// The handshake-signature methods, the same in both verifiers: TLS 1.2 is refused (only
+/// 1.3 is offered), TLS 1.3 signatures are checked with the one provider.
+macro_rules! handshake_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            Err(Error::PeerIncompatible(
+                rustls::PeerIncompatible::Tls12NotOffered,
+            ))
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &provider().signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
 }
 
-fn schemes() -> Vec<SignatureScheme> {
-    provider()
-        .signature_verification_algorithms
-        .supported_schemes()
+/// Which side of the handshake the peer is: what its certificate must be good for.
+#[derive(Clone, Copy)]
+enum PeerRole {
+    Client,
+    Server,
 }
 
-/// Tags of the key usages in the chain cache's key.
-const USAGE_CLIENT: u8 = 1;
-const USAGE_SERVER: u8 = 2;
+impl PeerRole {
+    fn key_usage(self) -> webpki::KeyUsage {
+        match self {
+            PeerRole::Client => webpki::KeyUsage::client_auth(),
+            PeerRole::Server => webpki::KeyUsage::server_auth(),
+        }
+    }
+}
 
 /// Chain to the bundle (or a cached verdict for the same chain under the same bundle),
 /// then SPIFFE checks. Returns the peer's ID.
@@ -149,27 +178,34 @@ fn verify_peer(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
-    usage: webpki::KeyUsage,
-    usage_tag: u8,
+    role: PeerRole,
 ) -> Result<SpiffeId, Error> {
     let ours = store.current();
-    let key = cache::key(usage_tag, end_entity, intermediates);
+    let key = cache::key(role as u8, end_entity, intermediates);
     if let Some(peer) = ours.chain_cache.get(&key, now.as_secs() as i64) {
         return same_trust_domain(peer, &ours.spiffe_id);
     }
     let ee = webpki::EndEntityCert::try_from(end_entity)
         .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
     let algs = provider().signature_verification_algorithms.all;
-    ee.verify_for_usage(algs, &ours.anchors, intermediates, now, usage, None, None)
-        .map_err(|e| {
-            Error::InvalidCertificate(match e {
-                webpki::Error::CertExpired { .. } => CertificateError::Expired,
-                webpki::Error::CertNotValidYet { .. } => CertificateError::NotValidYet,
-                webpki::Error::UnknownIssuer => CertificateError::UnknownIssuer,
-                webpki::Error::BadDer | webpki::Error::BadDerTime => CertificateError::BadEncoding,
-                other => CertificateError::Other(OtherError(Arc::new(other))),
-            })
-        })?;
+    ee.verify_for_usage(
+        algs,
+        &ours.anchors,
+        intermediates,
+        now,
+        role.key_usage(),
+        None,
+        None,
+    )
+    .map_err(|e| {
+        Error::InvalidCertificate(match e {
+            webpki::Error::CertExpired { .. } => CertificateError::Expired,
+            webpki::Error::CertNotValidYet { .. } => CertificateError::NotValidYet,
+            webpki::Error::UnknownIssuer => CertificateError::UnknownIssuer,
+            webpki::Error::BadDer | webpki::Error::BadDerTime => CertificateError::BadEncoding,
+            other => CertificateError::Other(OtherError(Arc::new(other))),
+        })
+    })?;
     let peer = spiffe_id_of(end_entity).map_err(|r| Rejection::NoSpiffeId(r).into_error())?;
     ours.chain_cache
         .insert(key, peer.clone(), end_entity, intermediates);
@@ -210,35 +246,12 @@ impl ClientCertVerifier for ClientVerifier {
             end_entity,
             intermediates,
             now,
-            webpki::KeyUsage::client_auth(),
-            USAGE_CLIENT,
+            PeerRole::Client,
         )
         .map(|_| ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
+    handshake_signatures!();
 }
 
 #[derive(Debug)]
@@ -261,8 +274,7 @@ impl ServerCertVerifier for ServerVerifier {
             end_entity,
             intermediates,
             now,
-            webpki::KeyUsage::server_auth(),
-            USAGE_SERVER,
+            PeerRole::Server,
         )?;
         if let ServerName::IpAddress(ip) = server_name {
             if let Some(want) = self.expected.get(&IpAddr::from(*ip)) {
@@ -274,27 +286,5 @@ impl ServerCertVerifier for ServerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes()
-    }
+    handshake_signatures!();
 }
