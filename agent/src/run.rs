@@ -281,6 +281,7 @@ fn enroll(
         tls,
         policy,
         // Only the iptables rule needs to tell the agent's own connects apart.
+        redirect: spec.redirect,
         upstream_mark: (spec.redirect == Redirect::Iptables)
             .then_some(cfg.upstream_mark)
             .flatten(),

@@ -55,23 +55,33 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the connection's facts, passed once"
-)]
-pub async fn serve<S>(
-    id: u64,
-    io: S,
-    pod: Arc<Pod>,
-    shared: Arc<Shared>,
-    identity: Option<String>,
-    src: SocketAddr,
-    dst: SocketAddr,
-    app_src: SocketAddr,
-) -> Outcome
+/// What is known about an inspected connection before its first request.
+pub struct Facts {
+    pub id: u64,
+    pub pod: Arc<Pod>,
+    pub shared: Arc<Shared>,
+    /// The peer's SPIFFE ID (None: plaintext, unauthenticated).
+    pub identity: Option<String>,
+    pub src: SocketAddr,
+    /// The original destination (the application's address and port).
+    pub dst: SocketAddr,
+    /// Where the agent's connection to the application leaves from.
+    pub app_src: SocketAddr,
+}
+
+pub async fn serve<S>(io: S, facts: Facts) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Facts {
+        id,
+        pod,
+        shared,
+        identity,
+        src,
+        dst,
+        app_src,
+    } = facts;
     let ctx = Arc::new(Ctx {
         id,
         trust_domain: pod.trust_domain(),

@@ -208,14 +208,16 @@ where
         Verdict::InspectHttp => {
             log.policy_rule = "(per HTTP request)".into();
             let serve = super::http::serve(
-                log.id,
                 client,
-                pod.clone(),
-                shared.clone(),
-                identity,
-                log.src,
-                dst,
-                app_source(&dst),
+                super::http::Facts {
+                    id: log.id,
+                    pod: pod.clone(),
+                    shared: shared.clone(),
+                    identity,
+                    src: log.src,
+                    dst,
+                    app_src: app_source(&dst),
+                },
             );
             let outcome = tokio::select! {
                 o = serve => Some(o),

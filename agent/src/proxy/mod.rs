@@ -57,6 +57,8 @@ pub struct Pod {
     /// Present when the pod has an identity: it then speaks mutual TLS with the mesh.
     pub tls: Option<PodTls>,
     pub policy: Arc<crate::authz::PolicyStore>,
+    /// How outbound connections reach the agent (and so where their destination is read).
+    pub redirect: crate::config::Redirect,
     /// SO_MARK for upstream sockets, so an iptables REDIRECT in the pod lets them pass.
     pub upstream_mark: Option<u32>,
 }

@@ -14,7 +14,10 @@ use tokio_rustls::TlsConnector;
 use tracing::warn;
 
 use super::{pump::pump, Access, Pod, Shared};
-use crate::{authz::Verdict, config::Mode};
+use crate::{
+    authz::Verdict,
+    config::{Mode, Redirect},
+};
 
 /// Handshake failures that mean "the peer does not speak our TLS" rather than "the peer's
 /// identity is wrong".
@@ -33,8 +36,8 @@ pub(super) async fn handle(
     shared: Arc<Shared>,
 ) {
     let mut log = Access::new(id, &pod, &shared.metrics, "outbound", peer);
-    let dst = if pod.upstream_mark.is_some() {
-        // redirect = "iptables": the NAT table knows where the connection was going.
+    let dst = if pod.redirect == Redirect::Iptables {
+        // The NAT table knows where the connection was going.
         match original_dst_nat(&client) {
             Ok(dst) => dst,
             Err(e) => {
