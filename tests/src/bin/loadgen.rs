@@ -62,13 +62,13 @@ fn main() {
             ));
             return;
         }
-        Some("latency") => rt.block_on(latency(
+        Some("latency") => latency(
             arg(&args, "--to", None),
             arg(&args, "--rate", Some(1000.0)),
             arg(&args, "--conns", Some(16)),
             size,
             dur,
-        )),
+        ),
         Some("closed") => rt.block_on(closed(
             arg(&args, "--to", None),
             arg(&args, "--conns", Some(16)),
@@ -177,22 +177,10 @@ async fn round_trip(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
     .await
 }
 
-/// Open loop on OS threads with blocking sockets: tokio's timer wheel has millisecond
-/// granularity, which would add up to 1 ms of schedule lag to every sample, while a thread
-/// sleeping in the kernel wakes within tens of microseconds.
-async fn latency(
-    to: SocketAddr,
-    rate: f64,
-    conns: usize,
-    size: usize,
-    dur: Duration,
-) -> serde_json::Value {
-    tokio::task::spawn_blocking(move || latency_threads(to, rate, conns, size, dur))
-        .await
-        .expect("latency threads")
-}
-
-fn latency_threads(
+/// Open loop on OS threads with blocking sockets (no runtime): tokio's timer wheel has
+/// millisecond granularity, which would add up to 1 ms of schedule lag to every sample,
+/// while a thread sleeping in the kernel wakes within tens of microseconds.
+fn latency(
     to: SocketAddr,
     rate: f64,
     conns: usize,
