@@ -31,6 +31,10 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+/// The address space every simulated node's pods are numbered from (`node.rs`).
+pub const MESH_V4: &str = "10.213.0.0/16";
+pub const MESH_V6: &str = "fd00:213::/32";
+
 const DEFAULT_LOG_LEVEL: &str = "info,agent_ebpf=debug";
 
 /// Set (to anything) to run the whole functional suite with the splice on in every pod
@@ -80,6 +84,11 @@ impl AgentConfig {
     pub fn log_level(mut self, level: &str) -> Self {
         self.log_level = level.into();
         self
+    }
+
+    /// Makes every simulated pod address part of the mesh (`mesh_networks`).
+    pub fn mesh(self) -> Self {
+        self.set(&format!("mesh_networks = [\"{MESH_V4}\", \"{MESH_V6}\"]"))
     }
 
     /// Adds a top-level `key = value` line.

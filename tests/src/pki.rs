@@ -35,6 +35,15 @@ impl Svid {
         )
     }
 
+    /// The `[[pod]]` lines of a STRICT pod with this identity and the policy at `policy`.
+    pub fn toml_strict(&self, policy: &Path) -> String {
+        format!(
+            "mode = \"strict\"\npolicy = \"{}\"\n{}",
+            policy.display(),
+            self.toml()
+        )
+    }
+
     /// The certificate's serial number, as openssl prints it (upper-case hex).
     pub fn serial(&self) -> String {
         let out = run(

@@ -50,18 +50,10 @@ fn identity_and_port_rules_with_default_deny() {
     let srv = b.serve(&[8080, 9090]);
     let policy = write_policy(&node, "b.yaml", B_POLICY);
     let cfg = AgentConfig::new(&node)
-        .set("mesh_networks = [\"10.213.0.0/16\", \"fd00:213::/32\"]")
+        .mesh()
         .pod_extra(a, "open", &sa.toml())
         .pod_extra(x, "open", &sx.toml())
-        .pod_extra(
-            b,
-            "open",
-            &format!(
-                "mode = \"strict\"\npolicy = \"{}\"\n{}",
-                policy.display(),
-                sb.toml()
-            ),
-        );
+        .pod_extra(b, "open", &sb.toml_strict(&policy));
     let mut agent = Agent::start(&cfg);
     for v6 in [false, true] {
         assert!(
@@ -274,17 +266,9 @@ fn http_requests_are_decided_one_by_one_on_keep_alive_and_http2() {
     let srv = b.serve_http(&[8080]);
     let policy = write_policy(&node, "b.yaml", HTTP_POLICY);
     let cfg = AgentConfig::new(&node)
-        .set("mesh_networks = [\"10.213.0.0/16\", \"fd00:213::/32\"]")
+        .mesh()
         .pod_extra(a, "open", &sa.toml())
-        .pod_extra(
-            b,
-            "open",
-            &format!(
-                "mode = \"strict\"\npolicy = \"{}\"\n{}",
-                policy.display(),
-                sb.toml()
-            ),
-        );
+        .pod_extra(b, "open", &sb.toml_strict(&policy));
     let mut agent = Agent::start(&cfg);
     let requests = "GET /public,POST /admin,GET /public/x,GET /admin/users,POST /public";
     for (h2, v6) in [(false, false), (true, false), (false, true), (true, true)] {

@@ -19,9 +19,9 @@ const TD: &str = "spiffe://td.test/ns/default/sa";
 
 /// The agent's config for a node whose pods' addresses form the mesh.
 fn mesh(node: &Node) -> AgentConfig {
-    AgentConfig::new(node).set(
-        "mesh_networks = [\"10.213.0.0/16\", \"fd00:213::/32\"]\nprotocol_detect_timeout_ms = 300",
-    )
+    AgentConfig::new(node)
+        .mesh()
+        .set("protocol_detect_timeout_ms = 300")
 }
 
 fn id(name: &str) -> String {

@@ -53,17 +53,9 @@ fn setup(node: &Node) -> AgentConfig {
     )
     .unwrap();
     AgentConfig::new(node)
-        .set("mesh_networks = [\"10.213.0.0/16\", \"fd00:213::/32\"]")
+        .mesh()
         .pod_extra(a, "open", &sa.toml())
-        .pod_extra(
-            b,
-            "closed",
-            &format!(
-                "mode = \"strict\"\npolicy = \"{}\"\n{}",
-                policy.display(),
-                sb.toml()
-            ),
-        )
+        .pod_extra(b, "closed", &sb.toml_strict(&policy))
 }
 
 #[test]

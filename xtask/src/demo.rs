@@ -49,7 +49,7 @@ pub fn run() -> Result<()> {
     )?;
     println!("  pod `server`'s policy: default deny; allow {TD}/client to port 8080");
     let cfg = AgentConfig::new(&node)
-        .set("mesh_networks = [\"10.213.0.0/16\", \"fd00:213::/32\"]")
+        .mesh()
         .pod_extra(
             client,
             "open",

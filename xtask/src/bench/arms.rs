@@ -171,17 +171,16 @@ pub fn start(arm: Arm, node: &Node, ids: &Ids) -> Result<Running> {
         }
         Arm::Mtls => {
             // Two agents, as on two nodes: one per pod.
-            let mesh = format!("mesh_networks = [\"{}\"]", ids.mesh);
-            let client_side = agent(AgentConfig::new(node).set(&mesh).pod_extra(
+            let client_side = agent(AgentConfig::new(node).mesh().pod_extra(
                 client,
                 "open",
                 &ids.client.toml(),
             ));
-            let server_side = agent(
-                AgentConfig::another(node, "server-side")
-                    .set(&mesh)
-                    .pod_extra(server, "open", &ids.server.toml()),
-            );
+            let server_side = agent(AgentConfig::another(node, "server-side").mesh().pod_extra(
+                server,
+                "open",
+                &ids.server.toml(),
+            ));
             direct(vec![(client_side, 1), (server_side, 0)], None)
         }
         Arm::HaproxyMtls => haproxy(node, ids)?,

@@ -32,7 +32,8 @@ pub use arms::Arm;
 /// kernel's port search wading through TIME_WAIT entries).
 pub const RR_PORT: u16 = 7000;
 pub const SINK_PORT: u16 = 7100;
-const MESH: &str = "10.213.0.0/16";
+/// What the iptables arm's REDIRECT rule covers: the simulated pods' IPv4 addresses.
+const MESH: &str = simnode::agent::MESH_V4;
 
 /// What `cargo xtask bench` was asked for.
 pub struct Opts {
