@@ -51,83 +51,44 @@ fn check_rejects_with_file_line_and_reason() {
 #[test]
 fn eval_prints_the_decision_and_the_rule() {
     let p = file("eval.yaml", POLICY);
-    let cases: &[(&[&str], i32, &str)] = &[
+    // (from, port, method, path): exit code and the decision line.
+    let cases = [
         (
-            &[
-                "--from",
-                "spiffe://td/ns/web/sa/x",
-                "--port",
-                "8080",
-                "--method",
-                "GET",
-                "--path",
-                "/",
-            ],
+            ("spiffe://td/ns/web/sa/x", "8080", "GET", "/"),
             0,
             "ALLOW request by `web`",
         ),
         (
-            &[
-                "--from",
-                "spiffe://td/ns/web/sa/x",
-                "--port",
-                "8080",
-                "--method",
-                "GET",
-                "--path",
-                "/admin/x",
-            ],
+            ("spiffe://td/ns/web/sa/x", "8080", "GET", "/admin/x"),
             1,
             "DENY request by `no-admin`",
         ),
         (
-            &[
-                "--from",
-                "spiffe://td/ns/db/sa/x",
-                "--port",
-                "5432",
-                "--method",
-                "GET",
-                "--path",
-                "/",
-            ],
+            ("spiffe://td/ns/db/sa/x", "5432", "GET", "/"),
             0,
             "default authenticated",
         ),
         (
-            &[
-                "--from",
-                "192.0.2.7",
-                "--port",
-                "5432",
-                "--method",
-                "GET",
-                "--path",
-                "/",
-            ],
+            ("192.0.2.7", "5432", "GET", "/"),
             1,
             "DENY connection by `office`",
         ),
         (
-            &[
-                "--from",
-                "unauthenticated",
-                "--port",
-                "5432",
-                "--method",
-                "GET",
-                "--path",
-                "/",
-            ],
+            ("unauthenticated", "5432", "GET", "/"),
             1,
             "DENY request by `default authenticated`",
         ),
     ];
-    for (args, code, needle) in cases {
-        let mut full = vec!["policy", "eval", "--policy", &p];
-        full.extend_from_slice(args);
-        let (c, out) = agent(&full);
-        assert_eq!((c, out.contains(needle)), (*code, true), "{args:?}: {out}");
+    for ((from, port, method, path), code, needle) in cases {
+        let (c, out) = agent(&[
+            "policy", "eval", "--policy", &p, "--from", from, "--port", port, "--method", method,
+            "--path", path,
+        ]);
+        assert_eq!(
+            (c, out.contains(needle)),
+            (code, true),
+            "{from} {port} {method} {path}: {out}"
+        );
     }
     let (c, out) = agent(&[
         "policy",
