@@ -93,10 +93,7 @@ impl Running {
 
     /// Stops the proxies; an agent that does not stop cleanly is an error.
     pub fn stop(mut self, arm: Arm) -> Result<()> {
-        for p in &mut self.procs {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
+        self.kill_procs();
         for a in &mut self.agents {
             ensure!(
                 a.stop().success(),
@@ -108,12 +105,19 @@ impl Running {
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
+impl Running {
+    /// haproxy has no clean-stop contract to check: killed (idempotent).
+    fn kill_procs(&mut self) {
+        for mut p in self.procs.drain(..) {
             let _ = p.kill();
             let _ = p.wait();
         }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill_procs();
         self.iptables.take();
     }
 }

@@ -501,13 +501,9 @@ impl Profiler {
             .output()?;
         let txt = data.with_extension("txt");
         std::fs::write(&txt, &report.stdout)?;
-        summary_line(&txt);
+        println!("bench: profile written to {}", txt.display());
         Ok(())
     }
-}
-
-fn summary_line(txt: &Path) {
-    println!("bench: profile written to {}", txt.display());
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
