@@ -35,13 +35,7 @@ enum Upstream {
 }
 
 struct Ctx {
-    id: u64,
-    pod: Arc<Pod>,
-    shared: Arc<Shared>,
-    identity: Option<String>,
-    src: SocketAddr,
-    dst: SocketAddr,
-    app_src: SocketAddr,
+    facts: Facts,
     trust_domain: String,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
     requests: AtomicU64,
@@ -73,24 +67,9 @@ pub async fn serve<S>(io: S, facts: Facts) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Facts {
-        id,
-        pod,
-        shared,
-        identity,
-        src,
-        dst,
-        app_src,
-    } = facts;
     let ctx = Arc::new(Ctx {
-        id,
-        trust_domain: pod.trust_domain(),
-        pod,
-        shared,
-        identity,
-        src,
-        dst,
-        app_src,
+        trust_domain: facts.pod.trust_domain(),
+        facts,
         upstream: tokio::sync::Mutex::new(None),
         requests: AtomicU64::new(0),
         denied: AtomicU64::new(0),
@@ -108,11 +87,11 @@ where
 
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     ctx.requests.fetch_add(1, Ordering::Relaxed);
-    let policy = ctx.pod.policy.current();
+    let policy = ctx.facts.pod.policy.current();
     let conn = Conn {
-        identity: ctx.identity.as_deref(),
-        src: ctx.src.ip(),
-        port: ctx.dst.port(),
+        identity: ctx.facts.identity.as_deref(),
+        src: ctx.facts.src.ip(),
+        port: ctx.facts.dst.port(),
     };
     let headers = req.headers();
     let has_header = |name: &str, value: &str| {
@@ -131,18 +110,19 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         },
         &ctx.trust_domain,
     );
-    ctx.shared.metrics.authz(
-        ctx.pod.name.as_str(),
+    ctx.facts.shared.metrics.authz(
+        ctx.facts.pod.name.as_str(),
         "http",
         decision.verdict == Verdict::Allow,
         &decision.rule,
     );
     if decision.verdict != Verdict::Allow {
         ctx.denied.fetch_add(1, Ordering::Relaxed);
-        ctx.shared
+        ctx.facts
+            .shared
             .count(format!("authz_http_deny:{}", decision.rule));
-        warn!(target: "access", conn = ctx.id, pod = %ctx.pod.name, direction = "inbound",
-              kind = "http_request", src = %ctx.src, dst = %ctx.dst, method = %req.method(),
+        warn!(target: "access", conn = ctx.facts.id, pod = %ctx.facts.pod.name, direction = "inbound",
+              kind = "http_request", src = %ctx.facts.src, dst = %ctx.facts.dst, method = %req.method(),
               path = %path, policy_rule = %decision.rule, status = 403, "request denied");
         return Ok(text(
             StatusCode::FORBIDDEN,
@@ -150,18 +130,20 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         ));
     }
     if decision.audit_denied {
-        ctx.shared
+        ctx.facts
+            .shared
             .count(format!("authz_http_audit_deny:{}", decision.rule));
-        warn!(pod = %ctx.pod.name, src = %ctx.src, method = %req.method(), path = %path,
+        warn!(pod = %ctx.facts.pod.name, src = %ctx.facts.src, method = %req.method(), path = %path,
               rule = %decision.rule, "audit: this request would be denied");
     } else {
-        ctx.shared
+        ctx.facts
+            .shared
             .count(format!("authz_http_allow:{}", decision.rule));
     }
     match forward(&ctx, req).await {
         Ok(resp) => Ok(resp),
         Err(e) => {
-            warn!(pod = %ctx.pod.name, error = %e, "cannot forward the request to the application");
+            warn!(pod = %ctx.facts.pod.name, error = %e, "cannot forward the request to the application");
             Ok(text(
                 StatusCode::BAD_GATEWAY,
                 "the application is unreachable\n".into(),
@@ -203,8 +185,13 @@ async fn forward(
     let mut upstream = ctx.upstream.lock().await;
     if upstream.is_none() {
         let tcp = ctx
+            .facts
             .pod
-            .connect(Some(ctx.app_src), ctx.dst, ctx.shared.connect_timeout)
+            .connect(
+                Some(ctx.facts.app_src),
+                ctx.facts.dst,
+                ctx.facts.shared.connect_timeout,
+            )
             .await?;
         *upstream = Some(if req.version() == Version::HTTP_2 {
             let (send, conn) =
