@@ -25,7 +25,8 @@ pub const MAP_EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
 pub const MAP_AGENT_CGROUPS: &str = "AGENT_CGROUPS";
 /// Per-CPU event counters indexed by the `COUNTER_*` constants.
 pub const MAP_COUNTERS: &str = "COUNTERS";
-/// Each enrolled pod's addresses (`[u8; 16]`, network order, IPv4 mapped) to [`InboundPod`].
+/// Each enrolled pod's addresses (`[u8; 16]`, network order, IPv4 mapped) to [`InboundPod`],
+/// kept live by the agent as addresses come and go in the pod's namespace.
 pub const MAP_POD_ADDRS: &str = "POD_ADDRS";
 /// The agent's inbound listeners (SOCKMAP), at [`inbound_listener_index`].
 pub const MAP_INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
@@ -89,7 +90,10 @@ pub const COUNTER_INBOUND_EXCLUDED: u32 = 14;
 pub const COUNTER_SPLICE_ADDED: u32 = 15;
 pub const COUNTER_SPLICED_MESSAGES: u32 = 16;
 pub const COUNTER_SPLICE_FALLBACK: u32 = 17;
-pub const NUM_COUNTERS: u32 = 18;
+/// sk_lookup saw a connection to an address of an enrolled pod that the agent has not
+/// learned yet (added moments ago): dropped, so the client retries once it is steered.
+pub const COUNTER_INBOUND_UNKNOWN_ADDRESS: u32 = 18;
+pub const NUM_COUNTERS: u32 = 19;
 
 /// Human names of the counters, indexed like the `COUNTER_*` constants.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -111,6 +115,7 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "splice_added",
     "spliced_messages",
     "splice_fallback",
+    "inbound_unknown_address",
 ];
 
 /// What the kernel needs to know about an enrolled pod.
@@ -251,6 +256,10 @@ const _: () = assert!(core::mem::size_of::<InboundPod>() == 8);
 const _: () = assert!(core::mem::size_of::<SpliceKey>() == 48);
 
 #[cfg(feature = "user")]
+#[allow(
+    unsafe_code,
+    reason = "aya::Pod is an unsafe marker trait: these layouts are valid for every bit pattern"
+)]
 mod user {
     // SAFETY (all impls): the types are `#[repr(C)]`, `Copy`, made only of integers and
     // byte arrays with explicit padding fields, so every bit pattern is valid.

@@ -8,7 +8,8 @@ use core::ptr::{addr_of, read_volatile};
 use agent_common::{
     inbound_listener_index, v4_mapped, PortKey, AGENT_APP_SRC4, AGENT_APP_SRC6,
     COUNTER_INBOUND_AGENT_TO_APP, COUNTER_INBOUND_EXCLUDED, COUNTER_INBOUND_NO_LISTENER,
-    COUNTER_INBOUND_PROBE, COUNTER_INBOUND_STEERED, POD_FLAG_FAIL_OPEN,
+    COUNTER_INBOUND_PROBE, COUNTER_INBOUND_STEERED, COUNTER_INBOUND_UNKNOWN_ADDRESS,
+    POD_FLAG_FAIL_OPEN,
 };
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 
@@ -34,34 +35,44 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn try_steer_inbound(ctx: &SkLookupContext) -> u32 {
     let l = ctx.lookup;
+    // Every context field is read up front, unconditionally: LLVM otherwise hoists the
+    // context-pointer arithmetic of a conditional read into a shared register, and the
+    // verifier refuses "dereference of modified ctx ptr" (as in splice.rs).
     // SAFETY (all context reads below): `l` is the context the kernel passed; fields are
     // read with 4-byte volatile loads, the widest the verifier accepts for them.
     let protocol = unsafe { read_volatile(addr_of!((*l).protocol)) };
+    let family = unsafe { read_volatile(addr_of!((*l).family)) };
+    // IPv4 addresses are in network byte order: in-memory bytes are the octets.
+    let local4 = unsafe { read_volatile(addr_of!((*l).local_ip4)) }.to_ne_bytes();
+    let remote4 = unsafe { read_volatile(addr_of!((*l).remote_ip4)) }.to_ne_bytes();
+    let (mut lw, mut rw) = ([0u32; 4], [0u32; 4]);
+    for i in 0..4 {
+        lw[i] = unsafe { read_volatile(addr_of!((*l).local_ip6[i])) };
+        rw[i] = unsafe { read_volatile(addr_of!((*l).remote_ip6[i])) };
+    }
+    // local_port is in host byte order.
+    let port = unsafe { read_volatile(addr_of!((*l).local_port)) } as u16;
     if protocol != IPPROTO_TCP {
         return SK_PASS;
     }
-    let v4 = unsafe { read_volatile(addr_of!((*l).family)) } == AF_INET;
+    let v4 = family == AF_INET;
     let (local, remote) = if v4 {
-        // IPv4 addresses are in network byte order: in-memory bytes are the octets.
-        let local = unsafe { read_volatile(addr_of!((*l).local_ip4)) }.to_ne_bytes();
-        let remote = unsafe { read_volatile(addr_of!((*l).remote_ip4)) }.to_ne_bytes();
-        (v4_mapped(local), v4_mapped(remote))
+        (v4_mapped(local4), v4_mapped(remote4))
     } else {
-        let (mut lw, mut rw) = ([0u32; 4], [0u32; 4]);
-        for i in 0..4 {
-            lw[i] = unsafe { read_volatile(addr_of!((*l).local_ip6[i])) };
-            rw[i] = unsafe { read_volatile(addr_of!((*l).remote_ip6[i])) };
-        }
         (words_to_bytes(lw), words_to_bytes(rw))
     };
-    // Only the pod's own addresses are steered; loopback and anything unknown pass.
+    // This program runs only in enrolled pods' namespaces, so every non-loopback local
+    // address is the pod's. One the agent has not learned yet (added a moment ago) is
+    // dropped, never passed: the client's SYN is retried once the agent steers it.
     let Some(pod) = POD_ADDRS.get_ptr(local) else {
-        return SK_PASS;
+        if is_loopback(&local) {
+            return SK_PASS;
+        }
+        bump(COUNTER_INBOUND_UNKNOWN_ADDRESS);
+        return SK_DROP;
     };
     // SAFETY: map value pointer valid for this program run.
     let pod = unsafe { *pod };
-    // local_port is in host byte order.
-    let port = unsafe { read_volatile(addr_of!((*l).local_port)) } as u16;
     // The agent's own connection to the application must reach it, not loop back.
     if remote == v4_mapped(AGENT_APP_SRC4) || remote == AGENT_APP_SRC6 {
         bump(COUNTER_INBOUND_AGENT_TO_APP);
@@ -90,4 +101,26 @@ fn try_steer_inbound(ctx: &SkLookupContext) -> u32 {
     } else {
         SK_DROP
     }
+}
+
+/// 127.0.0.0/8 (stored IPv4-mapped) or ::1. Loopback traffic never arrives from the
+/// network, so it is the pod's own business.
+#[inline(always)]
+fn is_loopback(a: &[u8; 16]) -> bool {
+    // Byte by byte: no memcmp in BPF.
+    let mut zero_to_10 = true;
+    let mut i = 0;
+    while i < 10 {
+        zero_to_10 &= a[i] == 0;
+        i += 1;
+    }
+    let mapped = zero_to_10 && a[10] == 0xff && a[11] == 0xff;
+    let v6_one = zero_to_10
+        && a[10] == 0
+        && a[11] == 0
+        && a[12] == 0
+        && a[13] == 0
+        && a[14] == 0
+        && a[15] == 1;
+    (mapped && a[12] == 127) || v6_one
 }

@@ -14,6 +14,10 @@
 // On the host (clippy, and `cargo check`) this builds as an ordinary binary so that the
 // programs are linted like the rest of the workspace; for bpfel-unknown-none it is the
 // no_std object the agent embeds.
+#![allow(
+    unsafe_code,
+    reason = "eBPF programs read their context and map values through raw pointers; every use carries a SAFETY comment"
+)]
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

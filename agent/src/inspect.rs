@@ -16,6 +16,9 @@ pub enum View {
     LogLevel(String),
     LogFormat(String),
     Metrics,
+    /// `agent enroll`: the request, as JSON.
+    Enroll(String),
+    Release(String),
 }
 
 pub fn run(target: &Target, view: View) -> ExitCode {
@@ -34,6 +37,8 @@ pub fn run(target: &Target, view: View) -> ExitCode {
         View::LogLevel(f) => ("PUT", "/loglevel".into(), f.clone()),
         View::LogFormat(f) => ("PUT", "/logformat".into(), f.clone()),
         View::Metrics => ("GET", "/metrics".into(), String::new()),
+        View::Enroll(body) => ("POST", "/pods".into(), body.clone()),
+        View::Release(name) => ("DELETE", format!("/pods/{name}"), String::new()),
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -59,8 +64,16 @@ pub fn run(target: &Target, view: View) -> ExitCode {
         }));
     }
     if status >= 400 {
+        // A request the agent refused as given (a bad field, a different spec for an
+        // enrolled pod) is the caller's to fix, like a bad config file.
+        let refused_request = matches!(view, View::Enroll(_) | View::Release(_));
+        let code = if refused_request && matches!(status, 400 | 409) {
+            2
+        } else {
+            5
+        };
         return done(Err(client::Failure {
-            code: 5,
+            code,
             message: json["error"]
                 .as_str()
                 .unwrap_or("the agent refused the request")
@@ -98,6 +111,7 @@ fn render(view: &View, v: &Value) -> String {
             &rows,
             &[
                 ("name", "POD"),
+                ("state", "STATE"),
                 ("addresses", "ADDRESSES"),
                 ("mode", "MODE"),
                 ("fail_mode", "FAIL"),
@@ -149,6 +163,34 @@ fn render(view: &View, v: &Value) -> String {
             v["log_format"].as_str().unwrap_or("?")
         ),
         View::Metrics => String::new(),
+        View::Enroll(_) => match v["result"].as_str() {
+            Some("unchanged") => format!(
+                "pod {} is already enrolled with this spec (id {}): nothing changed",
+                v["pod"].as_str().unwrap_or("?"),
+                v["pod_id"]
+            ),
+            _ => format!(
+                "pod {} enrolled (id {}){}",
+                v["pod"].as_str().unwrap_or("?"),
+                v["pod_id"],
+                if v["adopted"] == true {
+                    ", adopting the programs it had pinned"
+                } else {
+                    ""
+                }
+            ),
+        },
+        View::Release(_) => format!(
+            "pod {} released ({}): {} connections drained, {} cut at the deadline",
+            v["pod"].as_str().unwrap_or("?"),
+            if v["fail_mode"] == "closed" {
+                "fail-closed: its connections are refused until it is enrolled again"
+            } else {
+                "fail-open: its traffic now goes direct"
+            },
+            v["drained"],
+            v["cut_at_deadline"]
+        ),
     }
 }
 

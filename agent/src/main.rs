@@ -4,7 +4,13 @@ use std::{path::PathBuf, process::ExitCode};
 
 mod inspect;
 
-use agent::{admin::client::Target, authz, ca, config, ebpf, run, telemetry};
+use agent::{
+    admin::client::Target,
+    authz, ca, config, ebpf, run,
+    spec::PodRequest,
+    telemetry,
+    types::{FailMode, Mode, Redirect, DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR},
+};
 use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -18,6 +24,14 @@ struct Cli {
 enum Cmd {
     /// Enroll pods: intercept, encrypt, authorize and proxy their TCP connections.
     Run(config::RunArgs),
+    /// Enroll a pod into the running agent (the same checks as a [[pod]] of the config).
+    Enroll(EnrollArgs),
+    /// Release a pod: drain its connections, then honour its fail mode.
+    Release {
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Version, uptime, kernel features and the programs attached per pod.
     Status(Target),
     /// The enrolled pods.
@@ -41,7 +55,7 @@ enum Cmd {
     },
     /// The agent's BPF maps, decoded from their pins (works while the daemon is down).
     Maps {
-        #[arg(long, env = "AGENT_PIN_ROOT", default_value = config::DEFAULT_PIN_ROOT)]
+        #[arg(long, env = "AGENT_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
         #[arg(long, short = 'o', value_enum, default_value_t = agent::admin::client::Output::Table)]
         output: agent::admin::client::Output,
@@ -62,7 +76,7 @@ enum Cmd {
     },
     /// Check a policy file, evaluate a decision offline, or show the policies in force.
     #[command(subcommand)]
-    Policy(authz::cli::PolicyCmd),
+    Policy(PolicyCli),
     /// A development CA and SPIFFE SVIDs (for demos and tests).
     #[command(subcommand)]
     Ca(ca::CaCmd),
@@ -70,12 +84,102 @@ enum Cmd {
     Completions { shell: clap_complete::Shell },
     /// Remove everything a stopped agent left pinned in the kernel (fail-closed pods).
     Uninstall {
-        #[arg(long, env = "AGENT_PIN_ROOT", default_value = config::DEFAULT_PIN_ROOT)]
+        #[arg(long, env = "AGENT_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
+        /// Also forget the pods recorded here, so no agent re-adopts them.
+        #[arg(long, env = "AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
         /// Only this pod's pins.
         #[arg(long)]
         pod: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCli {
+    /// The policy in force for each pod of the running agent (via the admin API).
+    Show {
+        #[command(flatten)]
+        target: Target,
+    },
+    #[command(flatten)]
+    Offline(authz::cli::PolicyCmd),
+}
+
+/// `agent enroll`: one pod, as the flags describe it.
+#[derive(clap::Args)]
+struct EnrollArgs {
+    #[arg(long)]
+    name: String,
+    /// The pod's network namespace (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
+    #[arg(long)]
+    netns: PathBuf,
+    /// The pod's cgroup v2 directory.
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// A directory with the pod's SVID (cert.pem/key.pem/bundle.pem, tls.crt/tls.key/ca.crt,
+    /// or svid.pem/svid_key.pem/svid_bundle.pem).
+    #[arg(long)]
+    identity_dir: Option<PathBuf>,
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// strict or permissive.
+    #[arg(long, default_value = "permissive")]
+    mode: Mode,
+    /// closed or open.
+    #[arg(long, default_value = "closed")]
+    fail_mode: FailMode,
+    /// A destination port the pod reaches directly (repeatable).
+    #[arg(long = "exclude-port")]
+    exclude_ports: Vec<u16>,
+    /// A destination CIDR the pod reaches directly (repeatable).
+    #[arg(long = "exclude-cidr")]
+    exclude_cidrs: Vec<String>,
+    /// An inbound port left to the application (repeatable).
+    #[arg(long = "exclude-inbound-port")]
+    exclude_inbound_ports: Vec<u16>,
+    /// A port health probes from the node reach directly (repeatable).
+    #[arg(long = "probe-port")]
+    probe_ports: Vec<u16>,
+    /// ebpf or iptables.
+    #[arg(long, default_value = "ebpf")]
+    redirect: Redirect,
+    #[arg(long)]
+    accelerate: bool,
+    #[command(flatten)]
+    target: Target,
+}
+
+impl EnrollArgs {
+    /// The request, with paths made absolute (the agent does not share our directory).
+    fn request(&self) -> PodRequest {
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        let opt = |p: &Option<PathBuf>| p.as_ref().map(abs);
+        PodRequest {
+            name: self.name.clone(),
+            netns: abs(&self.netns),
+            cgroup: abs(&self.cgroup),
+            fail_mode: self.fail_mode,
+            exclude_ports: self.exclude_ports.clone(),
+            exclude_cidrs: self.exclude_cidrs.clone(),
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            probe_ports: self.probe_ports.clone(),
+            mode: self.mode,
+            cert: opt(&self.cert),
+            key: opt(&self.key),
+            bundle: opt(&self.bundle),
+            identity_dir: opt(&self.identity_dir),
+            policy: opt(&self.policy),
+            redirect: self.redirect,
+            accelerate: self.accelerate,
+        }
+    }
 }
 
 /// Exit code for a configuration the agent refuses to start with.
@@ -122,11 +226,14 @@ fn main() -> ExitCode {
         Cmd::LogFormat { format, target } => {
             inspect::run(&target, inspect::View::LogFormat(format))
         }
-        Cmd::Policy(authz::cli::PolicyCmd::Show { target }) => {
-            inspect::run(&target, inspect::View::Policy)
+        Cmd::Enroll(args) => {
+            let body = serde_json::to_string(&args.request()).unwrap_or_default();
+            inspect::run(&args.target, inspect::View::Enroll(body))
         }
+        Cmd::Release { name, target } => inspect::run(&target, inspect::View::Release(name)),
+        Cmd::Policy(PolicyCli::Show { target }) => inspect::run(&target, inspect::View::Policy),
         Cmd::Maps { pin_root, output } => inspect::maps(&pin_root, output),
-        Cmd::Policy(cmd) => {
+        Cmd::Policy(PolicyCli::Offline(cmd)) => {
             let (text, code) = authz::cli::run(cmd);
             if code == 0 {
                 println!("{text}");
@@ -145,7 +252,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Uninstall { pin_root, pod } => match ebpf::uninstall(&pin_root, pod.as_deref()) {
+        Cmd::Uninstall {
+            pin_root,
+            state_dir,
+            pod,
+        } => match uninstall(&pin_root, &state_dir, pod.as_deref()) {
             Ok(removed) if removed.is_empty() => {
                 println!("nothing pinned under {}", pin_root.display());
                 ExitCode::SUCCESS
@@ -162,4 +273,24 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Removes the pins (and the records, so no agent re-adopts what was uninstalled).
+fn uninstall(
+    pin_root: &std::path::Path,
+    state_dir: &std::path::Path,
+    pod: Option<&str>,
+) -> Result<Vec<String>, ebpf::EbpfError> {
+    let removed = ebpf::uninstall(pin_root, pod)?;
+    let records = state_dir.join("pods");
+    if let Ok(entries) = std::fs::read_dir(&records) {
+        for e in entries.flatten() {
+            let path = e.path();
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            if pod.is_none() || stem.as_deref() == pod {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    Ok(removed)
 }

@@ -46,6 +46,7 @@ pub struct AgentConfig {
     head: String,
     pods: String,
     log_level: String,
+    admin: PathBuf,
 }
 
 impl AgentConfig {
@@ -53,7 +54,12 @@ impl AgentConfig {
     /// so tests about interception are not also tests about authorization (the agent's
     /// own default, with no policy at all, is deny).
     pub fn new(node: &Node) -> Self {
-        Self::with_paths(node, node.pin_root(), &node.admin_socket())
+        Self::with_paths(
+            node,
+            node.pin_root(),
+            &node.admin_socket(),
+            &node.state_dir(),
+        )
     }
 
     /// A config for a second agent on the same node (as if on another node): its own pin
@@ -61,21 +67,29 @@ impl AgentConfig {
     pub fn another(node: &Node, name: &str) -> Self {
         let pin_root = node.pin_root().join(name);
         let admin = node.tmp().join(format!("admin-{name}.sock"));
-        Self::with_paths(node, &pin_root, &admin)
+        let state = node.tmp().join(format!("state-{name}"));
+        Self::with_paths(node, &pin_root, &admin, &state)
     }
 
-    fn with_paths(node: &Node, pin_root: &std::path::Path, admin: &std::path::Path) -> Self {
+    fn with_paths(
+        node: &Node,
+        pin_root: &std::path::Path,
+        admin: &std::path::Path,
+        state: &std::path::Path,
+    ) -> Self {
         let allow_all = node.tmp().join("allow-all.yaml");
         std::fs::write(&allow_all, "default: all\n").expect("write the allow-all policy");
         AgentConfig {
             head: format!(
-                "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\ndefault_policy = \"{}\"\nadmin_socket = \"{}\"\n",
+                "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\ndefault_policy = \"{}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n",
                 pin_root.display(),
                 allow_all.display(),
-                admin.display()
+                admin.display(),
+                state.display()
             ),
             pods: String::new(),
             log_level: DEFAULT_LOG_LEVEL.into(),
+            admin: admin.to_path_buf(),
         }
     }
 
@@ -138,6 +152,72 @@ pub struct Agent {
     lines: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
     config: PathBuf,
+    /// Its admin socket, when the config is one of ours.
+    admin: Option<PathBuf>,
+}
+
+/// What a run of the `agent` command line printed, and how it exited.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// `agent enroll` for one pod of the simulated node, built up flag by flag.
+#[derive(Debug, Clone)]
+pub struct Enrol {
+    name: String,
+    args: Vec<std::ffi::OsString>,
+}
+
+impl Enrol {
+    /// The pod's name, netns and cgroup; the agent's defaults for the rest (fail-closed,
+    /// PERMISSIVE, the node's default policy). Under [`ACCELERATE_ALL`] the splice is on.
+    pub fn pod(pod: &Pod) -> Self {
+        let mut e = Self {
+            name: pod.name.clone(),
+            args: Vec::new(),
+        };
+        e = e
+            .arg("--name", &pod.name)
+            .arg("--netns", &pod.netns_path)
+            .arg("--cgroup", &pod.cgroup);
+        if std::env::var_os(ACCELERATE_ALL).is_some() {
+            e.args.push("--accelerate".into());
+        }
+        e
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// One `--flag value` pair.
+    pub fn arg(mut self, flag: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.args.push(flag.into());
+        self.args.push(value.as_ref().to_os_string());
+        self
+    }
+
+    pub fn fail_mode(self, mode: &str) -> Self {
+        self.arg("--fail-mode", mode)
+    }
+
+    /// STRICT with this identity.
+    pub fn strict(self, svid: &crate::pki::Svid) -> Self {
+        self.identity(svid).arg("--mode", "strict")
+    }
+
+    pub fn identity(self, svid: &crate::pki::Svid) -> Self {
+        self.arg("--identity-dir", &svid.dir)
+    }
 }
 
 impl Agent {
@@ -151,7 +231,9 @@ impl Agent {
         let path =
             std::env::temp_dir().join(format!("simnode-agent-{}.toml", crate::sys::run_id()));
         std::fs::write(&path, config.text()).expect("write agent config");
-        Self::spawn(cmd, path, &config.log_level)
+        let mut agent = Self::spawn(cmd, path, &config.log_level);
+        agent.admin = Some(config.admin.clone());
+        agent
     }
 
     /// Starts `agent run` with a config file written by the caller (kept afterwards).
@@ -187,6 +269,7 @@ impl Agent {
             lines,
             reader: Some(reader),
             config: path,
+            admin: None,
         };
         agent.wait_for(
             "agent ready",
@@ -194,6 +277,55 @@ impl Agent {
             Duration::from_secs(30),
         );
         agent
+    }
+
+    /// Runs the `agent` command line against this agent's admin socket.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        self.run_cli(args.iter().map(std::ffi::OsStr::new))
+    }
+
+    /// `agent enroll ...`.
+    pub fn enroll(&self, e: &Enrol) -> CliOutput {
+        let flags = e.args.iter().map(|a| a.as_os_str());
+        self.run_cli(std::iter::once(std::ffi::OsStr::new("enroll")).chain(flags))
+    }
+
+    fn run_cli<'a>(&self, args: impl IntoIterator<Item = &'a std::ffi::OsStr>) -> CliOutput {
+        let admin = self
+            .admin
+            .as_ref()
+            .expect("an agent started from an AgentConfig");
+        let out = Command::new(workspace_bin("agent"))
+            .args(args)
+            .arg("--socket")
+            .arg(admin)
+            .output()
+            .expect("run the agent CLI");
+        CliOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `agent enroll ...`, which must succeed.
+    pub fn enroll_ok(&self, e: &Enrol) -> CliOutput {
+        let out = self.enroll(e);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "agent enroll {} failed: {out:?}\nlog:\n{}",
+            e.name,
+            self.tail(40)
+        );
+        out
+    }
+
+    /// `agent pods -o json`, by name.
+    pub fn pods(&self) -> Vec<Value> {
+        let out = self.cli(&["pods", "-o", "json"]);
+        assert_eq!(out.code, Some(0), "agent pods: {out:?}");
+        out.json().as_array().cloned().unwrap_or_default()
     }
 
     /// Every log line parsed as JSON (lines that are not JSON are skipped).
@@ -240,7 +372,7 @@ impl Agent {
         }
     }
 
-    fn tail(&self, n: usize) -> String {
+    pub fn tail(&self, n: usize) -> String {
         let lines = self.lines.lock().unwrap();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }

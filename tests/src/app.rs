@@ -56,6 +56,21 @@ impl Pod {
         start_server(cmd)
     }
 
+    /// Starts a server in this pod on each of `ports`, on the wildcard addresses (0.0.0.0 and
+    /// [::]): it answers on every address the pod has, including ones added later.
+    pub fn serve_any(&self, ports: &[u16]) -> Server {
+        let mut cmd = self.command(workspace_bin("podapp"));
+        cmd.arg("serve");
+        for port in ports {
+            for any in ["0.0.0.0", "::"] {
+                let ip: std::net::IpAddr = any.parse().expect("wildcard address");
+                cmd.arg("--listen")
+                    .arg(SocketAddr::new(ip, *port).to_string());
+            }
+        }
+        start_server(cmd)
+    }
+
     /// Starts an HTTP/1.1 + HTTP/2 server in this pod on each port, IPv4 and IPv6.
     pub fn serve_http(&self, ports: &[u16]) -> Server {
         let mut cmd = self.command(workspace_bin("podapp"));

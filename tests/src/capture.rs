@@ -1,6 +1,11 @@
 //! Packet capture on a pod's interface with an AF_PACKET socket, to check what crosses the
 //! wire. Runs on a thread inside the pod's network namespace until stopped.
 
+#![allow(
+    unsafe_code,
+    reason = "an AF_PACKET capture socket has no safe wrapper: raw libc calls, each commented"
+)]
+
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{

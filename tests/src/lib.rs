@@ -17,7 +17,7 @@ pub mod pki;
 pub mod proto;
 mod sys;
 
-pub use agent::{workspace_bin, Agent, AgentConfig};
+pub use agent::{workspace_bin, Agent, AgentConfig, CliOutput, Enrol};
 pub use app::{client_result, Server};
 pub use node::{command_in, sweep_stale, Node, Pod};
-pub use sys::{attached_programs, cgroup2_root, netns_links, require_root};
+pub use sys::{attached_programs, cgroup2_root, netns_links, netns_links_by_ino, require_root};

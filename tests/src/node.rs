@@ -25,7 +25,9 @@ pub struct Node {
     pods: Vec<Pod>,
 }
 
-/// One pod: a network namespace wired to the node's bridge, and a cgroup.
+/// One pod: a network namespace wired to the node's bridge, and a cgroup. A clone is a
+/// handle to the same pod (the node tears it down).
+#[derive(Clone)]
 pub struct Pod {
     pub name: String,
     pub netns: String,
@@ -104,6 +106,11 @@ impl Node {
     /// Where the agent of this node serves its admin API.
     pub fn admin_socket(&self) -> PathBuf {
         self.tmp.join("admin.sock")
+    }
+
+    /// Where this node's agent records the pods it enrolled.
+    pub fn state_dir(&self) -> PathBuf {
+        self.tmp.join("state")
     }
 
     /// A scratch directory for this node's files (certificates, configs); removed on drop.
@@ -213,6 +220,28 @@ impl Pod {
         }
     }
 
+    /// Runs `ip ARGS` inside the pod's network namespace (as a pod with NET_ADMIN could):
+    /// e.g. `["addr", "add", "10.213.1.99/24", "dev", "eth0"]`.
+    pub fn ip_in(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", self.netns.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Deletes the pod's network namespace as a runtime does when a pod goes away (the bind
+    /// mount under /var/run/netns disappears; whoever still holds it keeps it alive).
+    pub fn delete_netns(&self) {
+        run("ip", &["netns", "del", &self.netns]);
+    }
+
+    /// The inode of the pod's network namespace (what BPF netns links report).
+    pub fn netns_ino(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.netns_path)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", self.netns_path.display()))
+            .ino()
+    }
+
     fn teardown(self) {
         remove_cgroup_tree(&self.cgroup);
         run_quiet("ip", &["netns", "del", &self.netns]);
@@ -221,6 +250,10 @@ impl Pod {
 
 /// A command that starts in the given cgroup and/or network namespace. The child joins the
 /// cgroup before entering the netns and before exec, so the program never runs outside.
+#[allow(
+    unsafe_code,
+    reason = "pre_exec is unsafe: the hook only calls async-signal-safe write(2) and setns(2)"
+)]
 pub fn command_in(
     cgroup: Option<&Path>,
     netns: Option<&Path>,

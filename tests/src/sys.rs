@@ -82,6 +82,12 @@ pub fn netns_links(netns: &Path) -> usize {
     let ino = std::fs::metadata(netns)
         .unwrap_or_else(|e| panic!("stat {}: {e}", netns.display()))
         .ino();
+    netns_links_by_ino(ino)
+}
+
+/// How many BPF links are attached to the network namespace with this inode (which may
+/// have no path any more).
+pub fn netns_links_by_ino(ino: u64) -> usize {
     let out = run("bpftool", &["-j", "link", "show"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
     v.as_array()

@@ -55,6 +55,20 @@ fn splice_carries_both_hops_intact() {
     assert!(spliced > 0, "no message went through the splice");
 }
 
+/// The burst of `burst.rs` through the splice. Fails today: a few replies in every burst
+/// are lost. The kernel drops what was spliced into a socket's queue and not yet read when
+/// that socket leaves the sockhash, which happens as soon as a half-closed socket (here the
+/// agent's, after the client's half-close) receives the peer's FIN. The splice is off by
+/// default for now (docs/performance.md).
+#[test]
+#[ignore = "known: the splice loses replies after a half-close under load (docs/performance.md)"]
+fn splice_carries_a_burst_with_half_closes_intact() {
+    let Some(node) = node("splice_burst", &["a", "b"]) else {
+        return;
+    };
+    mtls_burst(&node, "accelerate = true").assert_all_ok();
+}
+
 /// By default (and with `accelerate = false`) the same traffic never touches the splice.
 #[test]
 fn splice_is_off_by_default() {

@@ -181,8 +181,8 @@ fn admin_tcp_must_be_loopback() {
 }
 
 #[test]
-fn no_pods() {
-    assert_rejected("outbound_port = 15001\n", &["no pod to enroll"]);
+fn bad_state_dir() {
+    assert_pod_rejected_top("state_dir = \"relative/dir\"", &["state_dir", "absolute"]);
 }
 
 #[test]

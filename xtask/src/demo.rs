@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{ensure, Result};
 use serde_json::Value;
-use simnode::{pki::DevCa, proto::ConnResult, Agent, AgentConfig, Node};
+use simnode::{pki::DevCa, proto::ConnResult, Agent, AgentConfig, Enrol, Node};
 
 const EXCLUDED_PORT: u16 = 9100;
 const TD: &str = "spiffe://demo.local/ns/default/sa";
@@ -48,27 +48,34 @@ pub fn run() -> Result<()> {
         ),
     )?;
     println!("  pod `server`'s policy: default deny; allow {TD}/client to port 8080");
-    let cfg = AgentConfig::new(&node)
-        .mesh()
-        .pod_extra(
-            client,
-            "open",
-            &format!("exclude_ports = [{EXCLUDED_PORT}]\n{}", ids[0].toml()),
-        )
-        .pod_extra(
-            server,
-            "closed",
-            &format!(
-                "mode = \"strict\"\nexclude_inbound_ports = [{EXCLUDED_PORT}]\npolicy = \"{}\"\n{}",
-                policy.display(),
-                ids[1].toml()
-            ),
-        );
+    let cfg = AgentConfig::new(&node).mesh().pod_extra(
+        client,
+        "open",
+        &format!("exclude_ports = [{EXCLUDED_PORT}]\n{}", ids[0].toml()),
+    );
     let mut agent = Agent::start(&cfg);
+    println!("\nAgent started with pod `client` from its config file.");
+    let enrol = Enrol::pod(server)
+        .strict(&ids[1])
+        .fail_mode("closed")
+        .arg("--exclude-inbound-port", EXCLUDED_PORT.to_string())
+        .arg("--policy", &policy);
+    let out = agent.enroll(&enrol);
+    ensure!(
+        out.code == Some(0),
+        "agent enroll failed: {}",
+        out.stderr.trim()
+    );
     println!(
-        "\nAgent started. Per pod: connect4/connect6/sock_ops on its cgroup (outbound), sk_lookup on\n\
-         its netns (inbound), listeners inside the pod. Pod `server` is STRICT: only mutual TLS.\n\
-         Port {EXCLUDED_PORT} is excluded on both sides. The applications are unmodified.\n"
+        "Pod `server` enrolled at runtime: `agent enroll --name server --netns ... --cgroup ...\n\
+         --identity-dir ... --mode strict --fail-mode closed --exclude-inbound-port {EXCLUDED_PORT}\n\
+         --policy ...` -> {}",
+        out.stdout.trim()
+    );
+    println!(
+        "Per pod: connect4/connect6/sock_ops on its cgroup (outbound), sk_lookup on its netns\n\
+         (inbound), listeners inside the pod. Pod `server` is STRICT: only mutual TLS. Port\n\
+         {EXCLUDED_PORT} is excluded on both sides. The applications are unmodified.\n"
     );
 
     let cases: [(&str, SocketAddr, &[&str]); 3] = [

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-pub const DEFAULT_SOCKET: &str = "/run/agent/admin.sock";
+pub use crate::types::DEFAULT_ADMIN_SOCKET as DEFAULT_SOCKET;
 
 #[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
 pub enum Output {
@@ -169,10 +169,13 @@ fn leg(c: &Value) -> String {
     ));
     let tls = if s("tls") == "mtls" {
         format!(
-            "mutual TLS; peer {} (certificate serial {})",
+            "mutual TLS; peer {} (certificate serial {}), handshake {} ms",
             s("peer_identity"),
-            s("peer_serial")
+            s("peer_serial"),
+            c["handshake_ms"]
         )
+    } else if s("detected") == "timeout" {
+        "no byte arrived within the detection window (silence, not plaintext)".to_string()
     } else if s("peer_identity") == "unauthenticated" {
         "plaintext, unauthenticated".to_string()
     } else {

@@ -6,6 +6,7 @@ pub mod client;
 
 use std::{
     convert::Infallible,
+    net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{
@@ -14,6 +15,10 @@ use std::{
     },
     time::Instant,
 };
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -25,8 +30,10 @@ use tracing::{info, warn};
 
 use crate::{
     ebpf::Counters,
-    metrics::{write_counter, write_gauge},
     proxy::{Pod, Shared},
+    spec::PodRequest,
+    telemetry::metrics::{write_counter, write_gauge},
+    types::{FailMode, LogFormat, Mode, PodId},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,35 +45,115 @@ pub enum AdminError {
     },
 }
 
-/// What the admin API knows about an enrolled pod.
+/// What the admin API shows of a pod: derived by the enrolment code from the pod's spec
+/// and what it holds for it, and replaced as a whole whenever that changes.
+#[derive(Debug, Clone, Serialize)]
 pub struct PodView {
-    pub pod: Arc<Pod>,
+    pub name: String,
+    pub pod_id: Option<PodId>,
     pub netns: PathBuf,
+    pub netns_cookie: Option<u64>,
     pub cgroup: PathBuf,
-    pub netns_cookie: u64,
-    pub fail_mode: String,
+    /// The pod's addresses now (kept live from its namespace).
+    pub addresses: Vec<IpAddr>,
+    pub fail_mode: FailMode,
+    pub mode: Mode,
+    /// `enrolled`, `releasing`, or `blocked` (fail-closed, not served: its connections are
+    /// refused until it is enrolled again).
+    pub state: &'static str,
+    /// Where the pod came from: `config`, `api`, or `state` (re-adopted after a restart).
+    pub source: &'static str,
     pub programs: Vec<&'static str>,
+    /// Why the pod is in this state, when that needs saying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The proxy's pod (identity and policy in force) while it is served.
+    #[serde(skip)]
+    pub pod: Option<Arc<Pod>>,
+}
+
+/// Why an enrolment or release request was not carried out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ControlError {
+    /// The request itself is wrong (a field and its reason): nothing changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The pod is enrolled with a different spec, or is being released.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request was valid but the kernel or the filesystem refused a step; what had
+    /// been done was undone.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ControlError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// The result of a successful request, as JSON for the client.
+pub type ControlReply = Result<serde_json::Value, ControlError>;
+
+/// Requests the admin API hands to the enrolment code (which owns the kernel state).
+pub enum Control {
+    Enroll {
+        request: Box<PodRequest>,
+        reply: oneshot::Sender<ControlReply>,
+    },
+    Release {
+        name: String,
+        reply: oneshot::Sender<ControlReply>,
+    },
 }
 
 pub struct Admin {
     started: Instant,
     pub ready: AtomicBool,
-    pub pods: std::sync::RwLock<Vec<PodView>>,
+    pub pods: ArcSwap<Vec<PodView>>,
     shared: Arc<Shared>,
     counters: Arc<Counters>,
     pin_root: PathBuf,
+    control: mpsc::Sender<Control>,
 }
 
 impl Admin {
-    pub fn new(shared: Arc<Shared>, counters: Arc<Counters>, pin_root: PathBuf) -> Arc<Self> {
+    pub fn new(
+        shared: Arc<Shared>,
+        counters: Arc<Counters>,
+        pin_root: PathBuf,
+        control: mpsc::Sender<Control>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             started: Instant::now(),
             ready: AtomicBool::new(false),
-            pods: Default::default(),
+            pods: ArcSwap::from_pointee(Vec::new()),
             shared,
             counters,
             pin_root,
+            control,
         })
+    }
+
+    /// Hands a request to the enrolment code and waits for its answer.
+    async fn control(
+        &self,
+        make: impl FnOnce(oneshot::Sender<ControlReply>) -> Control,
+    ) -> ControlReply {
+        let (tx, rx) = oneshot::channel();
+        if self.control.send(make(tx)).await.is_err() {
+            return Err(ControlError::Failed("the agent is stopping".into()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(ControlError::Failed("the agent is stopping".into())))
     }
 
     /// Binds the socket (root-only) and serves it until the process ends.
@@ -185,6 +272,28 @@ impl Admin {
             }
             (Method::GET, "/status") => reply(StatusCode::OK, &self.status()),
             (Method::GET, "/pods") => reply(StatusCode::OK, &self.pods_json()),
+            (Method::POST, "/pods") => {
+                let body = body_text(req).await;
+                let request: PodRequest = match serde_json::from_str(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return reply(
+                            StatusCode::BAD_REQUEST,
+                            &json!({"error": format!("not a pod request: {e}")}),
+                        )
+                    }
+                };
+                let request = Box::new(request);
+                let result = self
+                    .control(|reply| Control::Enroll { request, reply })
+                    .await;
+                control_reply(result)
+            }
+            (Method::DELETE, p) if p.starts_with("/pods/") => {
+                let name = p["/pods/".len()..].to_string();
+                let result = self.control(|reply| Control::Release { name, reply }).await;
+                control_reply(result)
+            }
             (Method::GET, "/conns") => {
                 let pod = param("pod");
                 let conns: Vec<_> = self
@@ -227,8 +336,8 @@ impl Admin {
             (Method::PUT, "/logformat") => {
                 let text = body_text(req).await.to_lowercase();
                 let format = match text.as_str() {
-                    "json" => crate::config::LogFormat::Json,
-                    "human" => crate::config::LogFormat::Human,
+                    "json" => LogFormat::Json,
+                    "human" => LogFormat::Human,
                     other => {
                         return reply(
                             StatusCode::BAD_REQUEST,
@@ -265,7 +374,7 @@ impl Admin {
         let release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
-        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods = self.pods.load();
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),
@@ -278,42 +387,38 @@ impl Admin {
                 "maps": ["hash", "lru_hash", "lpm_trie", "percpu_array", "sockmap", "ringbuf"],
             },
             "connections_active": self.shared.metrics.live().len(),
-            "pods": pods.iter().map(|p| json!({"name": p.pod.name.as_str(), "programs": p.programs})).collect::<Vec<_>>(),
+            "pods": pods.iter().map(|p| json!({"name": p.name, "state": p.state, "programs": p.programs})).collect::<Vec<_>>(),
         })
     }
 
     fn pods_json(&self) -> Value {
-        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods = self.pods.load();
         json!(pods
             .iter()
             .map(|p| {
-                let policy = p.pod.policy.current();
-                json!({
-                    "name": p.pod.name.as_str(),
-                    "pod_id": p.pod.id,
-                    "netns": p.netns,
-                    "netns_cookie": p.netns_cookie,
-                    "cgroup": p.cgroup,
-                    "addresses": p.pod.addrs,
-                    "fail_mode": p.fail_mode,
-                    "mode": format!("{:?}", p.pod.mode).to_lowercase(),
-                    "identity": p.pod.tls.as_ref().map(|t| t.store.current().spiffe_id.to_string()),
-                    "policy": policy.source,
-                    "programs": p.programs,
-                })
+                let mut v = json!(p);
+                if let Some(pod) = &p.pod {
+                    v["identity"] = json!(pod.tls.as_ref().map(|t| t
+                        .store
+                        .current()
+                        .spiffe_id
+                        .to_string()));
+                    v["policy"] = json!(pod.policy.current().source);
+                }
+                v
             })
             .collect::<Vec<_>>())
     }
 
     fn certs(&self) -> Value {
-        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods = self.pods.load();
         let now = unix_now();
         json!(pods
             .iter()
             .filter_map(|p| {
-                let id = p.pod.tls.as_ref()?.store.current();
+                let id = p.pod.as_ref()?.tls.as_ref()?.store.current();
                 Some(json!({
-                    "pod": p.pod.name.as_str(),
+                    "pod": p.name,
                     "spiffe_id": id.spiffe_id.to_string(),
                     "serial": id.serial,
                     "issuer": id.issuer,
@@ -325,18 +430,18 @@ impl Admin {
     }
 
     fn policies(&self) -> Value {
-        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods = self.pods.load();
         json!(pods
             .iter()
-            .map(|p| {
-                let pol = p.pod.policy.current();
-                json!({
-                    "pod": p.pod.name.as_str(),
+            .filter_map(|p| {
+                let pol = p.pod.as_ref()?.policy.current();
+                Some(json!({
+                    "pod": p.name,
                     "source": pol.source,
                     "default": pol.default,
                     "audit": pol.audit,
                     "rules": pol.rule_names(),
-                })
+                }))
             })
             .collect::<Vec<_>>())
     }
@@ -355,13 +460,13 @@ impl Admin {
             "Events counted in the kernel programs (per-CPU maps, summed)",
             &kernel,
         );
-        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods = self.pods.load();
         let mut reloads = Vec::new();
         let mut expiry = Vec::new();
-        for p in pods.iter() {
-            let name = p.pod.name.to_string();
+        for pod in pods.iter().filter_map(|p| p.pod.as_ref()) {
+            let name = pod.name.to_string();
             let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-            let pol = &p.pod.policy;
+            let pol = &pod.policy;
             reloads.push((
                 vec![
                     ("pod", name.clone()),
@@ -378,7 +483,7 @@ impl Admin {
                 ],
                 get(&pol.reloads_failed),
             ));
-            if let Some(t) = &p.pod.tls {
+            if let Some(t) = &pod.tls {
                 reloads.push((
                     vec![
                         ("pod", name.clone()),
@@ -437,6 +542,13 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+fn control_reply(result: ControlReply) -> Response<Full<Bytes>> {
+    match result {
+        Ok(v) => reply(StatusCode::OK, &v),
+        Err(e) => reply(e.status(), &json!({ "error": e.to_string() })),
+    }
 }
 
 fn reply(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {

@@ -6,11 +6,6 @@ use super::{Conn, Policy, PolicyFile, Request, Verdict};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCmd {
-    /// The policy in force for each pod of the running agent (via the admin API).
-    Show {
-        #[command(flatten)]
-        target: crate::admin::client::Target,
-    },
     /// Validate a policy file; exit 0 if it is good, 1 with file:line:column and reason.
     Check { file: PathBuf },
     /// Decide one connection (and request) offline; exit 0 if allowed, 1 if denied.
@@ -35,7 +30,6 @@ pub enum PolicyCmd {
 /// Runs the command; returns the text to print and the exit code.
 pub fn run(cmd: PolicyCmd) -> (String, u8) {
     match cmd {
-        PolicyCmd::Show { .. } => unreachable!("handled by the admin client"),
         PolicyCmd::Check { file } => match PolicyFile::load(&file) {
             Ok(p) => {
                 let c = Policy::compile(file.display().to_string(), p);
@@ -70,7 +64,7 @@ pub fn run(cmd: PolicyCmd) -> (String, u8) {
             } else if from == "unauthenticated" {
                 (None, IpAddr::from([0, 0, 0, 0]))
             } else {
-                match crate::config::parse_cidr(&from)
+                match crate::types::parse_cidr(&from)
                     .or_else(|e| IpAddr::from_str(&from).map(Into::into).map_err(|_| e))
                 {
                     Ok(net) => (None, net.network()),

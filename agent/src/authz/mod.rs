@@ -9,93 +9,155 @@ mod policy;
 pub use engine::{Conn, Decision, Policy, Request, Verdict};
 pub use policy::{DefaultAction, PolicyError, PolicyFile};
 
-use std::{
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
-    },
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+use crate::{
+    identity::SpiffeId,
+    store::{Source, Store},
+    types::{ClientAddr, OrigDstAddr, PodName},
 };
-
-use tracing::{error, info, warn};
-
-/// The policy a pod is decided by now; swapped atomically on reload.
-pub struct PolicyStore {
-    pod: String,
-    /// The file, or `None` for the built-in deny-all policy.
-    path: Option<PathBuf>,
-    current: RwLock<Arc<Policy>>,
-    pub reloads_ok: AtomicU64,
-    pub reloads_failed: AtomicU64,
-}
-
-impl std::fmt::Debug for PolicyStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyStore")
-            .field("pod", &self.pod)
-            .field("path", &self.path)
-            .finish()
-    }
-}
 
 pub const BUILTIN: &str = "built-in (no policy configured: default deny)";
 
-impl PolicyStore {
-    pub fn load(pod: &str, path: Option<PathBuf>) -> Result<Arc<Self>, PolicyError> {
-        let policy = match &path {
+/// Where a pod's policy comes from: a file, or nothing (the built-in deny-all).
+#[derive(Debug)]
+pub struct PolicySource(pub Option<PathBuf>);
+
+impl Source for PolicySource {
+    type Value = Policy;
+    type Error = PolicyError;
+    const KIND: &'static str = "policy";
+    const REJECTED: &'static str = "policy reload rejected; the last good policy keeps deciding";
+
+    fn load(&self) -> Result<Policy, PolicyError> {
+        Ok(match &self.0 {
             Some(p) => Policy::compile(p.display().to_string(), PolicyFile::load(p)?),
-            None => {
-                warn!(
-                    pod,
-                    "no policy configured: every inbound connection is denied (default deny)"
-                );
-                Policy::deny_all(BUILTIN)
-            }
+            None => Policy::deny_all(BUILTIN),
+        })
+    }
+
+    fn files(&self) -> Vec<&Path> {
+        self.0.iter().map(PathBuf::as_path).collect()
+    }
+
+    fn loaded(&self, pod: &PodName, policy: &Policy, previous: Option<&Policy>) {
+        if self.0.is_none() {
+            warn!(pod = %pod, "no policy configured: every inbound connection is denied (default deny)");
+        }
+        let what = if previous.is_some() {
+            "policy reloaded"
+        } else {
+            "policy loaded"
         };
-        info!(pod, source = %policy.source, rules = policy.rule_count(), default = ?policy.default,
-              audit = policy.audit, "policy loaded");
-        Ok(Arc::new(Self {
-            pod: pod.to_string(),
-            path,
-            current: RwLock::new(Arc::new(policy)),
-            reloads_ok: AtomicU64::new(0),
-            reloads_failed: AtomicU64::new(0),
-        }))
+        info!(pod = %pod, source = %policy.source, rules = policy.rule_count(),
+              default = ?policy.default, audit = policy.audit, "{what}");
     }
+}
 
-    pub fn current(&self) -> Arc<Policy> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+/// The policy a pod is decided by now; swapped atomically on reload.
+pub type PolicyStore = Store<PolicySource>;
+
+/// An allowed connection or request, naming the rule that allowed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permit {
+    pub rule: String,
+    /// Audit mode: a rule denied this, and it was let through to be reported.
+    pub audit_denied: bool,
+}
+
+/// A refused connection or request, naming the rule and the policy that refused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub rule: String,
+    /// The policy's source (its file).
+    pub policy: String,
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "denied by `{}` ({})", self.rule, self.policy)
     }
+}
 
-    /// Reads the file again; a bad file is rejected and the last good policy stays.
-    pub fn reload(&self) {
-        let Some(path) = &self.path else { return };
-        match PolicyFile::load(path) {
-            Ok(file) => {
-                let policy = Policy::compile(path.display().to_string(), file);
-                info!(pod = %self.pod, source = %policy.source, rules = policy.rule_count(),
-                      default = ?policy.default, audit = policy.audit, "policy reloaded");
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
-                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                error!(pod = %self.pod, error = %e, "policy reload rejected; the last good policy keeps deciding");
-            }
+/// How an allowed inbound connection proceeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// Decided for the whole connection.
+    Connection(Permit),
+    /// HTTP rules apply: every request is decided on its own.
+    PerRequest,
+}
+
+/// Who is calling: the identity the handshake verified (none for plaintext) and the
+/// client's address.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub peer: Option<&'a SpiffeId>,
+    pub client: ClientAddr,
+}
+
+impl Caller<'_> {
+    fn conn(&self, dst: OrigDstAddr) -> Conn<'_> {
+        Conn {
+            identity: self.peer.map(SpiffeId::as_str),
+            src: self.client.ip(),
+            port: dst.port(),
         }
     }
+}
 
-    pub fn watch(self: &Arc<Self>) -> Option<notify::Result<notify::RecommendedWatcher>> {
-        let path = self.path.as_ref()?;
-        Some(crate::watch::watch(
-            &[path],
-            format!("policy-{}", self.pod),
-            Arc::downgrade(self),
-            Self::reload,
-        ))
+fn typed(policy: &Policy, d: Decision) -> Result<Permit, Denial> {
+    match d.verdict {
+        Verdict::Deny => Err(Denial {
+            rule: d.rule,
+            policy: policy.source.clone(),
+        }),
+        Verdict::Allow | Verdict::InspectHttp => Ok(Permit {
+            rule: d.rule,
+            audit_denied: d.audit_denied,
+        }),
+    }
+}
+
+impl Policy {
+    /// Decides an inbound connection before any byte reaches the application.
+    pub fn authorize(
+        &self,
+        caller: Caller<'_>,
+        dst: OrigDstAddr,
+        trust_domain: &str,
+    ) -> Result<Inbound, Denial> {
+        let d = self.decide_l4(&caller.conn(dst), trust_domain);
+        if d.verdict == Verdict::InspectHttp {
+            return Ok(Inbound::PerRequest);
+        }
+        typed(self, d).map(Inbound::Connection)
+    }
+
+    /// Decides one HTTP request of a connection that [`Policy::authorize`] said is decided
+    /// per request.
+    pub fn authorize_request(
+        &self,
+        caller: Caller<'_>,
+        dst: OrigDstAddr,
+        req: &Request<'_>,
+        trust_domain: &str,
+    ) -> Result<Permit, Denial> {
+        let d = self.decide_http(&caller.conn(dst), req, trust_domain);
+        typed(self, d)
+    }
+
+    /// Decides an outbound connection of the pod's applications, before any upstream
+    /// connect; `expected` is the destination's identity when it is a known workload.
+    pub fn authorize_egress(
+        &self,
+        dst: OrigDstAddr,
+        expected: Option<&SpiffeId>,
+    ) -> Result<Permit, Denial> {
+        let d = self.decide_egress(dst.addr(), expected.map(SpiffeId::as_str));
+        typed(self, d)
     }
 }
 

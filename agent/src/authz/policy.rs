@@ -164,7 +164,7 @@ pub struct Cidr(pub IpNet);
 impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        crate::config::parse_cidr(s).map(Cidr)
+        crate::types::parse_cidr(s).map(Cidr)
     }
 }
 

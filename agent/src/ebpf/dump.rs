@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::EbpfError;
 
-pub const MAPS_DIR: &str = "maps";
+use crate::types::PIN_MAPS_DIR as MAPS_DIR;
 const PINNED: [&str; 4] = [MAP_POD_CONFIG, MAP_POD_ADDRS, MAP_ORIG_DST, MAP_COUNTERS];
 
 pub(super) fn pin_maps(ebpf: &Ebpf, pin_root: &Path) -> Result<(), EbpfError> {

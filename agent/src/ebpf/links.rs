@@ -22,7 +22,7 @@ use aya::programs::{
 use tracing::{info, warn};
 
 use super::{io_err, EbpfError, Kernel};
-use crate::config::PodName;
+use crate::types::PodName;
 
 /// With BPF links (kernel >= 5.7, which aya uses) the kernel always attaches in
 /// multi-program mode and rejects explicit flags, so `Single` here means "no flags": our
@@ -62,48 +62,37 @@ impl PodLinks {
     ) -> Result<(Self, usize), EbpfError> {
         let dir = pin_root.join(pod.as_str());
         let old = take_pins(&dir)?;
-        let cgroup_fd = File::open(cgroup).map_err(io_err(cgroup))?;
-        if pin {
-            ensure_bpffs(pin_root)?;
-            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        }
-        let hold = |name: &str, link: FdLink| -> Result<Held, EbpfError> {
-            if !pin {
-                return Ok(Held::Owned { _link: link });
-            }
-            let path = dir.join(name);
-            link.pin(&path)
-                .map(Held::Pinned)
-                .map_err(|source| EbpfError::Pin { path, source })
-        };
         let mut blocking = Vec::new();
-        let connect: &[&'static str] = if redirect {
-            &[PROG_CONNECT4, PROG_CONNECT6]
-        } else {
-            &[]
-        };
-        for &name in connect {
-            let prog = kernel.connect_program(name)?;
-            let id = prog
-                .attach(&cgroup_fd, ATTACH)
-                .map_err(|source| EbpfError::Program { name, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| EbpfError::Program { name, source })?;
-            blocking.push(hold(name, FdLink::try_from(link)?)?);
-        }
-        let prog = kernel.sk_lookup_program()?;
-        let program_err = |source| EbpfError::Program {
-            name: PROG_SK_LOOKUP,
-            source,
-        };
-        let id = prog.attach(netns).map_err(program_err)?;
-        let link = prog.take_link(id).map_err(program_err)?;
-        blocking.push(hold(PROG_SK_LOOKUP, FdLink::from(link))?);
-        let sock_ops = if redirect {
-            Some(attach_sock_ops(kernel, &cgroup_fd)?)
-        } else {
-            None
+        let result = attach_all(
+            kernel,
+            &dir,
+            cgroup,
+            netns,
+            pin_root,
+            pin,
+            redirect,
+            &mut blocking,
+        );
+        let sock_ops = match result {
+            Ok(sock_ops) => sock_ops,
+            Err(e) => {
+                // Nothing half-done stays: the new links go, and the previous agent's
+                // links are pinned again, so a pod it kept closed stays closed.
+                for held in blocking.drain(..) {
+                    if let Held::Pinned(p) = held {
+                        let _ = p.unpin();
+                    }
+                }
+                for (path, link) in old {
+                    if let Err(pe) = link.pin(&path) {
+                        warn!(path = %path.display(), error = %pe, "cannot re-pin a previous agent's link");
+                    }
+                }
+                if !pin {
+                    remove_dir_if_empty(&dir);
+                }
+                return Err(e);
+            }
         };
         let replaced = old.len();
         // Only now do the previous agent's links go: the new ones already mediate.
@@ -119,6 +108,15 @@ impl PodLinks {
             },
             replaced,
         ))
+    }
+
+    /// No links (what is left once they were detached or left pinned).
+    pub fn none() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            blocking: Vec::new(),
+            sock_ops: None,
+        }
     }
 
     /// Detaches everything, pinned or not.
@@ -146,6 +144,66 @@ impl PodLinks {
     }
 }
 
+/// Attaches every link of a pod into `blocking` (so the caller can undo them on error) and
+/// returns the sock_ops link.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one private step of `attach`, with its arguments"
+)]
+fn attach_all(
+    kernel: &mut Kernel,
+    dir: &Path,
+    cgroup: &Path,
+    netns: &File,
+    pin_root: &Path,
+    pin: bool,
+    redirect: bool,
+    blocking: &mut Vec<Held>,
+) -> Result<Option<FdLink>, EbpfError> {
+    let cgroup_fd = File::open(cgroup).map_err(io_err(cgroup))?;
+    if pin {
+        ensure_bpffs(pin_root)?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let hold = |name: &str, link: FdLink| -> Result<Held, EbpfError> {
+        if !pin {
+            return Ok(Held::Owned { _link: link });
+        }
+        let path = dir.join(name);
+        link.pin(&path)
+            .map(Held::Pinned)
+            .map_err(|source| EbpfError::Pin { path, source })
+    };
+    let connect: &[&'static str] = if redirect {
+        &[PROG_CONNECT4, PROG_CONNECT6]
+    } else {
+        &[]
+    };
+    for &name in connect {
+        let prog = kernel.connect_program(name)?;
+        let id = prog
+            .attach(&cgroup_fd, ATTACH)
+            .map_err(|source| EbpfError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| EbpfError::Program { name, source })?;
+        blocking.push(hold(name, FdLink::try_from(link)?)?);
+    }
+    let prog = kernel.sk_lookup_program()?;
+    let program_err = |source| EbpfError::Program {
+        name: PROG_SK_LOOKUP,
+        source,
+    };
+    let id = prog.attach(netns).map_err(program_err)?;
+    let link = prog.take_link(id).map_err(program_err)?;
+    blocking.push(hold(PROG_SK_LOOKUP, FdLink::from(link))?);
+    if redirect {
+        Ok(Some(attach_sock_ops(kernel, &cgroup_fd)?))
+    } else {
+        Ok(None)
+    }
+}
+
 /// sock_ops on a cgroup, owned (it records original destinations and feeds the splice; a
 /// pod without it is not redirected by eBPF, so nothing depends on it outliving the agent).
 pub fn attach_sock_ops(kernel: &mut Kernel, cgroup: &File) -> Result<FdLink, EbpfError> {
@@ -159,8 +217,9 @@ pub fn attach_sock_ops(kernel: &mut Kernel, cgroup: &File) -> Result<FdLink, Ebp
     Ok(FdLink::try_from(link)?)
 }
 
-/// Unpins every link pinned under `dir`, keeping them attached as owned links.
-fn take_pins(dir: &Path) -> Result<Vec<FdLink>, EbpfError> {
+/// Unpins every link pinned under `dir`, keeping them attached as owned links (with the
+/// paths they were pinned at).
+fn take_pins(dir: &Path) -> Result<Vec<(PathBuf, FdLink)>, EbpfError> {
     let mut links = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -170,7 +229,8 @@ fn take_pins(dir: &Path) -> Result<Vec<FdLink>, EbpfError> {
     for entry in entries {
         let path = entry.map_err(io_err(dir))?.path();
         let pinned = PinnedLink::from_pin(&path)?;
-        links.push(pinned.unpin().map_err(io_err(&path))?);
+        let link = pinned.unpin().map_err(io_err(&path))?;
+        links.push((path, link));
     }
     Ok(links)
 }
@@ -192,7 +252,7 @@ pub fn uninstall(pin_root: &Path, pod: Option<&str>) -> Result<Vec<String>, Ebpf
     for entry in entries {
         let entry = entry.map_err(io_err(pin_root))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name == super::dump::MAPS_DIR {
+        if name == crate::types::PIN_MAPS_DIR {
             if pod.is_none() {
                 super::dump::unpin_maps(pin_root);
             }
@@ -246,4 +306,20 @@ pub(super) fn ensure_bpffs(pin_root: &Path) -> Result<(), EbpfError> {
          choose a pin_root under it",
         pin_root.display()
     )))
+}
+
+/// The pods that have pins under `pin_root` (fail-closed pods a previous or this agent
+/// left blocking).
+pub fn pinned_pods(pin_root: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(pin_root) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != crate::types::PIN_MAPS_DIR)
+        .collect();
+    names.sort();
+    names
 }

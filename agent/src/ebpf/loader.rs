@@ -91,6 +91,10 @@ impl Kernel {
 
     /// Forwards the programs' aya-log records to the `log` facade, which tracing picks up.
     /// Must be called inside a tokio runtime.
+    #[allow(
+        unsafe_code,
+        reason = "tokio registers a foreign fd only unsafely: the logger owns its ring buffer's fd"
+    )]
     pub fn spawn_log_forwarder(&mut self) -> Result<(), EbpfError> {
         let logger = aya_log::EbpfLogger::init(&mut self.ebpf)
             .map_err(|e| EbpfError::Logger(e.to_string()))?;

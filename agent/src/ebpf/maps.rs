@@ -1,6 +1,10 @@
 //! Typed handles to the kernel maps. Layouts come from `agent-common`.
 
-use std::{net::IpAddr, os::fd::AsRawFd, sync::Mutex};
+use std::{
+    cell::RefCell,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+};
 
 use agent_common::{
     inbound_listener_index, v4_mapped, CidrKey, InboundPod, OrigDst, PodConfig, PortKey, SockKey,
@@ -8,7 +12,7 @@ use agent_common::{
 };
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, Map, MapData, MapError, PerCpuArray, SockMap,
+    HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, SockMap,
 };
 use ipnet::IpNet;
 
@@ -48,13 +52,12 @@ pub fn ip_from16(addr: [u8; 16]) -> IpAddr {
     }
 }
 
-/// Everything the kernel is told about one enrolled pod.
+/// Everything the kernel is told about one enrolled pod, except its addresses, which
+/// change while it runs ([`PodTable::add_address`]).
 #[derive(Debug, Clone)]
 pub struct PodEntry {
     pub netns_cookie: u64,
     pub config: PodConfig,
-    /// The pod's own addresses: inbound connections to them are steered.
-    pub addrs: Vec<IpAddr>,
     pub outbound_excluded_ports: Vec<u16>,
     pub outbound_excluded_cidrs: Vec<IpNet>,
     pub inbound_excluded_ports: Vec<u16>,
@@ -142,25 +145,36 @@ impl PodTable {
                 .insert(PortKey::new(id, *port), 1, 0)
                 .map_err(map_err(agent_common::MAP_PROBE_PORTS))?;
         }
-        let inbound = InboundPod {
-            pod_id: id,
-            flags: e.config.flags,
-        };
-        for ip in &e.addrs {
-            self.addrs
-                .insert(addr16(*ip), inbound, 0)
-                .map_err(map_err(agent_common::MAP_POD_ADDRS))?;
-        }
         self.set_config(e.netns_cookie, e.config)
     }
 
-    /// Forgets a pod entirely. Best effort: a missing entry is already what we want.
+    /// Steers inbound connections to `ip` to the pod's listener.
+    pub fn add_address(&mut self, e: &PodEntry, ip: IpAddr) -> Result<(), EbpfError> {
+        let inbound = InboundPod {
+            pod_id: e.config.pod_id,
+            flags: e.config.flags,
+        };
+        self.addrs
+            .insert(addr16(ip), inbound, 0)
+            .map_err(map_err(agent_common::MAP_POD_ADDRS))
+    }
+
+    /// Stops steering `ip` (the pod no longer has it). Best effort.
+    pub fn remove_address(&mut self, ip: IpAddr) {
+        let _ = self.addrs.remove(&addr16(ip));
+    }
+
+    /// Forgets a pod entirely (its addresses are removed by the caller, who knows which
+    /// ones it owns). Best effort: a missing entry is already what we want.
     pub fn remove(&mut self, e: &PodEntry) {
-        let id = e.config.pod_id;
         let _ = self.config.remove(&e.netns_cookie);
-        for ip in &e.addrs {
-            let _ = self.addrs.remove(&addr16(*ip));
-        }
+        self.remove_exclusions(e);
+    }
+
+    /// Removes the pod's exclusions and probe ports, keeping its configuration (a blocked
+    /// pod refuses every connect before they are looked at).
+    pub fn remove_exclusions(&mut self, e: &PodEntry) {
+        let id = e.config.pod_id;
         for port in &e.outbound_excluded_ports {
             let _ = self.out_ports.remove(&PortKey::new(id, *port));
         }
@@ -213,24 +227,58 @@ fn cidr_key(pod_id: u32, net: &IpNet) -> Key<CidrKey> {
 }
 
 /// Original destinations recorded by the kernel, read once by the proxy after `accept()`.
+///
+/// Reading deletes the entry, and aya's map handles need `&mut` for that. Rather than
+/// serialising every accept on one lock, each thread keeps its own handle on the same map
+/// (a duplicate of its descriptor), made the first time that thread accepts.
 pub struct OrigDstTable {
-    map: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    fd: OwnedFd,
+    /// Tells this table's per-thread handles from another table's (tests load several).
+    id: u64,
+}
+
+type OrigDstMap = HashMap<MapData, SockKey, OrigDst>;
+
+thread_local! {
+    static LOCAL_ORIG_DST: RefCell<Option<(u64, OrigDstMap)>> = const { RefCell::new(None) };
 }
 
 impl OrigDstTable {
     pub(super) fn new(map: Named) -> Result<Self, EbpfError> {
+        let (name, map) = map;
+        // Checks the key and value sizes once, here.
+        let typed: OrigDstMap = typed((name, map))?;
+        let fd = typed
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(super::io_err(name))?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Self {
-            map: Mutex::new(typed(map)?),
+            fd,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    fn handle(&self) -> Option<OrigDstMap> {
+        let data = MapData::from_fd(self.fd.try_clone().ok()?).ok()?;
+        OrigDstMap::try_from(Map::LruHashMap(data)).ok()
     }
 
     /// Looks the entry up and deletes it: each redirected connection is accepted once, and
     /// the LRU map must not fill with entries nobody will read again.
     pub fn take(&self, key: &SockKey) -> Option<OrigDst> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let orig = map.get(key, 0).ok()?;
-        let _ = map.remove(key);
-        Some(orig)
+        LOCAL_ORIG_DST.with(|local| {
+            let mut local = local.borrow_mut();
+            if local.as_ref().is_none_or(|(id, _)| *id != self.id) {
+                *local = Some((self.id, self.handle()?));
+            }
+            let (_, map) = local.as_mut()?;
+            let orig = map.get(key, 0).ok()?;
+            let _ = map.remove(key);
+            Some(orig)
+        })
     }
 }
 

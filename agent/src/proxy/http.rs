@@ -24,7 +24,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
 
 use super::{Pod, Shared};
-use crate::authz::{Conn, Request as AuthzRequest, Verdict};
+use crate::{
+    authz::{Caller, Request as AuthzRequest},
+    identity::SpiffeId,
+    telemetry::access::HttpOutcome,
+    types::{ClientAddr, OrigDstAddr},
+};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -42,28 +47,21 @@ struct Ctx {
     denied: AtomicU64,
 }
 
-/// What happened on an HTTP-inspected connection.
-pub struct Outcome {
-    pub requests: u64,
-    pub denied: u64,
-    pub error: Option<String>,
-}
-
 /// What is known about an inspected connection before its first request.
 pub struct Facts {
     pub id: u64,
     pub pod: Arc<Pod>,
     pub shared: Arc<Shared>,
-    /// The peer's SPIFFE ID (None: plaintext, unauthenticated).
-    pub identity: Option<String>,
-    pub src: SocketAddr,
+    /// The peer's verified SPIFFE ID (None: plaintext, unauthenticated).
+    pub peer: Option<SpiffeId>,
+    pub client: ClientAddr,
     /// The original destination (the application's address and port).
-    pub dst: SocketAddr,
+    pub dst: OrigDstAddr,
     /// Where the agent's connection to the application leaves from.
     pub app_src: SocketAddr,
 }
 
-pub async fn serve<S>(io: S, facts: Facts) -> Outcome
+pub async fn serve<S>(io: S, facts: Facts) -> HttpOutcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -78,7 +76,7 @@ where
     let service = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), req));
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let result = builder.serve_connection(TokioIo::new(io), service).await;
-    Outcome {
+    HttpOutcome {
         requests: ctx.requests.load(Ordering::Relaxed),
         denied: ctx.denied.load(Ordering::Relaxed),
         error: result.err().map(|e| e.to_string()),
@@ -88,10 +86,9 @@ where
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     ctx.requests.fetch_add(1, Ordering::Relaxed);
     let policy = ctx.facts.pod.policy.current();
-    let conn = Conn {
-        identity: ctx.facts.identity.as_deref(),
-        src: ctx.facts.src.ip(),
-        port: ctx.facts.dst.port(),
+    let caller = Caller {
+        peer: ctx.facts.peer.as_ref(),
+        client: ctx.facts.client,
     };
     let headers = req.headers();
     let has_header = |name: &str, value: &str| {
@@ -101,8 +98,9 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
             .any(|v| v.to_str().is_ok_and(|v| v == value))
     };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let decision = policy.decide_http(
-        &conn,
+    let decision = policy.authorize_request(
+        caller,
+        ctx.facts.dst,
         &AuthzRequest {
             method: req.method().as_str(),
             path,
@@ -110,35 +108,31 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         },
         &ctx.trust_domain,
     );
-    ctx.facts.shared.metrics.authz(
-        ctx.facts.pod.name.as_str(),
-        "http",
-        decision.verdict == Verdict::Allow,
-        &decision.rule,
-    );
-    if decision.verdict != Verdict::Allow {
-        ctx.denied.fetch_add(1, Ordering::Relaxed);
-        ctx.facts
-            .shared
-            .count(format!("authz_http_deny:{}", decision.rule));
-        warn!(target: "access", conn = ctx.facts.id, pod = %ctx.facts.pod.name, direction = "inbound",
-              kind = "http_request", src = %ctx.facts.src, dst = %ctx.facts.dst, method = %req.method(),
-              path = %path, policy_rule = %decision.rule, status = 403, "request denied");
-        return Ok(text(
-            StatusCode::FORBIDDEN,
-            format!("denied by policy rule `{}`\n", decision.rule),
-        ));
-    }
-    if decision.audit_denied {
-        ctx.facts
-            .shared
-            .count(format!("authz_http_audit_deny:{}", decision.rule));
-        warn!(pod = %ctx.facts.pod.name, src = %ctx.facts.src, method = %req.method(), path = %path,
-              rule = %decision.rule, "audit: this request would be denied");
+    let metrics = &ctx.facts.shared.metrics;
+    let pod = &ctx.facts.pod.name;
+    let permit = match decision {
+        Ok(permit) => permit,
+        Err(denial) => {
+            metrics.authz(pod.as_str(), "http", false, &denial.rule);
+            ctx.denied.fetch_add(1, Ordering::Relaxed);
+            metrics.count(&format!("authz_http_deny:{}", denial.rule));
+            warn!(target: "access", conn = ctx.facts.id, pod = %pod, direction = "inbound",
+                  kind = "http_request", src = %ctx.facts.client, dst = %ctx.facts.dst,
+                  method = %req.method(), path = %path, policy_rule = %denial.rule, status = 403,
+                  "request denied");
+            return Ok(text(
+                StatusCode::FORBIDDEN,
+                format!("denied by policy rule `{}`\n", denial.rule),
+            ));
+        }
+    };
+    metrics.authz(pod.as_str(), "http", true, &permit.rule);
+    if permit.audit_denied {
+        metrics.count(&format!("authz_http_audit_deny:{}", permit.rule));
+        warn!(pod = %pod, src = %ctx.facts.client, method = %req.method(), path = %path,
+              rule = %permit.rule, "audit: this request would be denied");
     } else {
-        ctx.facts
-            .shared
-            .count(format!("authz_http_allow:{}", decision.rule));
+        metrics.count(&format!("authz_http_allow:{}", permit.rule));
     }
     match forward(&ctx, req).await {
         Ok(resp) => Ok(resp),
@@ -189,8 +183,8 @@ async fn forward(
             .pod
             .connect(
                 Some(ctx.facts.app_src),
-                ctx.facts.dst,
-                ctx.facts.shared.connect_timeout,
+                ctx.facts.dst.addr(),
+                ctx.facts.shared.settings.connect_timeout,
             )
             .await?;
         *upstream = Some(if req.version() == Version::HTTP_2 {

@@ -8,6 +8,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
 use agent_common::{AGENT_APP_SRC4, AGENT_APP_SRC6};
@@ -15,10 +16,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
-use super::{pump::pump, Access, Pod, Shared};
+use super::{Pod, Shared};
 use crate::{
-    authz::{Conn, Verdict},
-    config::Mode,
+    authz::{Caller, Inbound},
+    identity::PeerIdentity,
+    pump::pump,
+    telemetry::access::{Access, Detected},
+    types::{ClientAddr, Direction, Mode, OrigDstAddr},
 };
 
 /// The address the agent's connection to the application leaves from (port chosen by the
@@ -31,36 +35,32 @@ fn app_source(dst: &SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
-/// What a new inbound connection turned out to be.
-enum Detected {
-    /// A TLS ClientHello offering the agent's ALPN: another agent.
-    AgentTls,
-    /// Anything else that sent bytes: plaintext, or the application's own TLS.
-    Other,
-    /// Nothing arrived in time (a server-speaks-first protocol, or an idle client).
-    Silent,
+/// What the first bytes of a connection said, or that none came.
+enum FirstBytes {
+    Seen(Detected),
     Closed,
 }
 
-/// Peeks (never consumes) until the first bytes tell what the client speaks.
-async fn detect(stream: &TcpStream, timeout: std::time::Duration) -> Detected {
-    let deadline = tokio::time::Instant::now() + timeout;
+/// Peeks (never consumes) until the first bytes tell what the client speaks, for at most
+/// `wait`.
+async fn detect(stream: &TcpStream, wait: Duration) -> FirstBytes {
+    let deadline = tokio::time::Instant::now() + wait;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Err(_) => return Detected::Silent,
-            Ok(Err(_)) | Ok(Ok(0)) => return Detected::Closed,
+            Err(_) => return FirstBytes::Seen(Detected::Timeout),
+            Ok(Err(_)) | Ok(Ok(0)) => return FirstBytes::Closed,
             Ok(Ok(n)) => n,
         };
         // 0x16: a TLS handshake record.
         if buf[0] != 0x16 {
-            return Detected::Other;
+            return FirstBytes::Seen(Detected::Plaintext);
         }
         let mut acceptor = rustls::server::Acceptor::default();
         let mut rd = &buf[..n];
         while !rd.is_empty() {
             if acceptor.read_tls(&mut rd).is_err() {
-                return Detected::Other;
+                return FirstBytes::Seen(Detected::Plaintext);
             }
         }
         match acceptor.accept() {
@@ -69,21 +69,21 @@ async fn detect(stream: &TcpStream, timeout: std::time::Duration) -> Detected {
                     .client_hello()
                     .alpn()
                     .is_some_and(|mut protos| protos.any(|p| p == crate::tls::ALPN));
-                return if ours {
+                return FirstBytes::Seen(if ours {
                     Detected::AgentTls
                 } else {
-                    Detected::Other
-                };
+                    Detected::Plaintext
+                });
             }
             Ok(None) if n < buf.len() => {
                 // The ClientHello is still arriving; peek returns at once while any byte
                 // is queued, so wait a little before looking again.
                 if tokio::time::Instant::now() >= deadline {
-                    return Detected::Silent;
+                    return FirstBytes::Seen(Detected::Timeout);
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            _ => return Detected::Other,
+            _ => return FirstBytes::Seen(Detected::Plaintext),
         }
     }
 }
@@ -95,18 +95,27 @@ pub(super) async fn handle(
     pod: Arc<Pod>,
     shared: Arc<Shared>,
 ) {
-    let mut log = Access::new(id, &pod, &shared.metrics, "inbound", peer);
+    let from = ClientAddr::new(peer);
+    let mut log = Access::new(
+        id,
+        &pod.name,
+        &shared.metrics,
+        Direction::Inbound,
+        from,
+        "sk_lookup",
+    );
     let dst = match client.local_addr() {
-        Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
+        Ok(a) => OrigDstAddr::new(a),
         Err(e) => {
             warn!(pod = %pod.name, error = %e, "getsockname failed on an inbound connection");
             return;
         }
     };
-    log.dst = Some(dst);
-    if !pod.addrs.contains(&dst.ip()) {
-        // Only sk_lookup-steered traffic has a pod address here; something dialed the
-        // listener's own loopback port directly.
+    log.dst(dst);
+    if dst.ip().is_loopback() {
+        // sk_lookup hands over connections to the pod's addresses with their original
+        // local address; a loopback one dialed the listener's port directly.
+        super::reset(&client);
         log.refused(
             "not_steered",
             "not_a_pod_address",
@@ -114,38 +123,57 @@ pub(super) async fn handle(
         );
         return;
     }
-    let detected = detect(&client, shared.detect_timeout).await;
-    match (detected, &pod.tls) {
-        (Detected::Closed, _) => {
-            log.refused("closed_early", "client_closed", &"closed before sending")
+    let settings = &shared.settings;
+    // STRICT accepts nothing but mutual TLS, so a slow ClientHello is waited for as long
+    // as a handshake may take; PERMISSIVE must also serve clients that never speak first.
+    let wait = match pod.mode {
+        Mode::Strict => settings.handshake_timeout,
+        Mode::Permissive => settings.detect_timeout,
+    };
+    let detected = match detect(&client, wait).await {
+        FirstBytes::Closed => {
+            return log.refused("closed_early", "client_closed", &"closed before sending")
         }
-        (Detected::AgentTls, Some(tls)) => {
+        FirstBytes::Seen(d) => d,
+    };
+    log.detected(detected);
+    match (detected, &pod.tls, pod.mode) {
+        (Detected::AgentTls, Some(tls), _) => {
             let started = std::time::Instant::now();
             let accept = tokio::time::timeout(
-                shared.connect_timeout,
+                settings.handshake_timeout,
                 TlsAcceptor::from(tls.server.clone()).accept(client),
             );
             let stream = match accept.await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     let reason = super::tls_reason(&e);
-                    shared.count(format!("inbound_handshake_failed_{reason}"));
+                    shared
+                        .metrics
+                        .count(&format!("inbound_handshake_failed_{reason}"));
                     shared.metrics.handshake_failed("inbound", reason);
-                    log.refused("tls_handshake_failed", reason, &e);
-                    return;
+                    return log.refused("tls_handshake_failed", reason, &e);
                 }
                 Err(_) => {
-                    shared.count("inbound_handshake_failed_timeout");
-                    log.refused("tls_handshake_failed", "timeout", &"handshake timed out");
-                    return;
+                    shared.metrics.count("inbound_handshake_failed_timeout");
+                    shared.metrics.handshake_failed("inbound", "timeout");
+                    return log.refused("tls_handshake_failed", "timeout", &"handshake timed out");
                 }
             };
             shared.metrics.handshake_done("inbound", started);
-            log.tls_peer(stream.get_ref().1.peer_certificates());
-            forward(&mut log, stream, &pod, &shared).await;
+            let Some(peer) = PeerIdentity::from_chain(stream.get_ref().1.peer_certificates())
+            else {
+                return log.refused(
+                    "tls_handshake_failed",
+                    "no_spiffe_id",
+                    &"the verified peer certificate carries no SPIFFE ID",
+                );
+            };
+            log.peer(peer.clone(), started.elapsed());
+            forward(&mut log, stream, Some(peer), from, dst, &pod, &shared).await;
         }
-        (Detected::AgentTls, None) => {
-            shared.count("inbound_tls_without_identity");
+        (Detected::AgentTls, None, _) => {
+            shared.metrics.count("inbound_tls_without_identity");
             super::reset(&client);
             log.refused(
                 "refused",
@@ -153,8 +181,8 @@ pub(super) async fn handle(
                 &"mutual TLS offered but the pod has no identity",
             );
         }
-        (Detected::Other | Detected::Silent, _) if pod.mode == Mode::Strict => {
-            shared.count("inbound_plaintext_refused");
+        (Detected::Plaintext, _, Mode::Strict) => {
+            shared.metrics.count("inbound_plaintext_refused");
             super::reset(&client);
             log.refused(
                 "refused",
@@ -162,95 +190,104 @@ pub(super) async fn handle(
                 &"STRICT: only mutual TLS from the mesh is accepted",
             );
         }
-        (Detected::Other | Detected::Silent, _) => {
-            shared.count("inbound_plaintext_accepted");
-            log.peer_identity = "unauthenticated".into();
-            forward(&mut log, client, &pod, &shared).await;
+        (Detected::Timeout, _, Mode::Strict) => {
+            // Silence is not plaintext: its own reason and counter.
+            shared.metrics.count("inbound_detect_timeout");
+            super::reset(&client);
+            log.refused(
+                "refused",
+                "detect_timeout",
+                &format!(
+                    "STRICT: no ClientHello within the handshake timeout ({} ms)",
+                    settings.handshake_timeout.as_millis()
+                ),
+            );
+        }
+        (Detected::Plaintext | Detected::Timeout, _, Mode::Permissive) => {
+            shared.metrics.count(if detected == Detected::Timeout {
+                "inbound_detect_timeout"
+            } else {
+                "inbound_plaintext_accepted"
+            });
+            log.unauthenticated();
+            forward(&mut log, client, None, from, dst, &pod, &shared).await;
         }
     }
 }
 
-/// Connects to the application and pumps.
-async fn forward<S>(log: &mut Access<'_>, client: S, pod: &Arc<Pod>, shared: &Arc<Shared>)
-where
+/// Authorizes, connects to the application and pumps.
+async fn forward<S>(
+    log: &mut Access<'_>,
+    client: S,
+    peer: Option<PeerIdentity>,
+    from: ClientAddr,
+    dst: OrigDstAddr,
+    pod: &Arc<Pod>,
+    shared: &Arc<Shared>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let dst = log.dst.expect("set before forwarding");
     // Complete mediation: the policy decides before the application sees a byte.
-    let identity = (log.tls == "mtls").then(|| log.peer_identity.clone());
-    let conn = Conn {
-        identity: identity.as_deref(),
-        src: log.src.ip(),
-        port: dst.port(),
-    };
     let policy = pod.policy.current();
-    let decision = policy.decide_l4(&conn, &pod.trust_domain());
-    log.policy_rule = decision.rule.clone();
-    log.publish();
-    if decision.verdict != Verdict::InspectHttp {
-        shared.metrics.authz(
-            pod.name.as_str(),
-            "inbound",
-            decision.verdict == Verdict::Allow,
-            &decision.rule,
-        );
-    }
-    match decision.verdict {
-        Verdict::Deny => {
-            shared.count(format!("authz_deny:{}", decision.rule));
-            log.refused(
-                "denied",
-                "policy",
-                &format!("denied by `{}` ({})", decision.rule, policy.source),
-            );
-            return;
+    let caller = Caller {
+        peer: peer.as_ref().map(|p| &p.id),
+        client: from,
+    };
+    let permit = match policy.authorize(caller, dst, &pod.trust_domain()) {
+        Err(denial) => {
+            log.denied("inbound", &denial);
+            shared.metrics.count(&format!("authz_deny:{}", denial.rule));
+            return log.refused("denied", "policy", &denial);
         }
-        Verdict::InspectHttp => {
-            log.policy_rule = "(per HTTP request)".into();
+        Ok(Inbound::PerRequest) => {
+            log.per_request();
             let serve = super::http::serve(
                 client,
                 super::http::Facts {
-                    id: log.id,
+                    id: log.id(),
                     pod: pod.clone(),
                     shared: shared.clone(),
-                    identity,
-                    src: log.src,
+                    peer: peer.map(|p| p.id),
+                    client: from,
                     dst,
-                    app_src: app_source(&dst),
+                    app_src: app_source(&dst.addr()),
                 },
             );
             let outcome = tokio::select! {
                 o = serve => Some(o),
-                _ = shared.abort.cancelled() => None,
+                _ = pod.life.abort.cancelled() => None,
             };
-            log.closed_http(outcome);
-            return;
+            return log.closed_http(outcome);
         }
-        Verdict::Allow => {
-            if decision.audit_denied {
-                shared.count(format!("authz_audit_deny:{}", decision.rule));
-                warn!(pod = %pod.name, src = %log.src, dst = %dst, rule = %decision.rule,
-                      "audit: this connection would be denied");
-            } else {
-                shared.count(format!("authz_allow:{}", decision.rule));
-            }
-        }
+        Ok(Inbound::Connection(permit)) => permit,
+    };
+    log.permitted("inbound", &permit);
+    if permit.audit_denied {
+        shared
+            .metrics
+            .count(&format!("authz_audit_deny:{}", permit.rule));
+        warn!(pod = %pod.name, src = %from, dst = %dst, rule = %permit.rule,
+              "audit: this connection would be denied");
+    } else {
+        shared
+            .metrics
+            .count(&format!("authz_allow:{}", permit.rule));
     }
     let app = match pod
-        .connect(Some(app_source(&dst)), dst, shared.connect_timeout)
+        .connect(
+            Some(app_source(&dst.addr())),
+            dst.addr(),
+            shared.settings.connect_timeout,
+        )
         .await
     {
         Ok(a) => a,
-        Err(e) => {
-            log.refused("app_connect_failed", "connect", &e);
-            return;
-        }
+        Err(e) => return log.refused("app_connect_failed", "connect", &e),
     };
-    log.via = super::local_addr_string(&app);
-    log.publish();
+    log.via(app.local_addr().ok());
     let transfer = tokio::select! {
         t = pump(client, app) => Some(t),
-        _ = shared.abort.cancelled() => None,
+        _ = pod.life.abort.cancelled() => None,
     };
     log.closed(transfer);
 }

@@ -1,12 +1,17 @@
-//! The userspace proxy: listeners inside each pod's network namespace and the byte pumps.
+//! The userspace proxy: listeners inside each pod's network namespace, and per connection
+//! accept → original destination → detect → TLS → authorize → connect → pump.
+//!
+//! Each step yields a typed fact that the next one takes: accept gives the client address
+//! and the [`OrigDstAddr`], the handshake a [`crate::identity::PeerIdentity`], the policy a
+//! [`crate::authz::Permit`] or [`crate::authz::Denial`] naming its rule. The access record
+//! (`telemetry::access`) is handed the same values; nothing is read back from it.
 
-mod access;
 mod http;
 pub mod inbound;
 pub mod outbound;
-mod pump;
 
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
@@ -21,13 +26,13 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::warn;
 
-pub(crate) use access::Access;
-
 use crate::{
-    config::{Mode, PodName},
+    authz::PolicyStore,
     ebpf::OrigDstTable,
-    identity::IdentityStore,
+    identity::{IdentityStore, SpiffeId},
     netns::Netns,
+    telemetry::metrics::Metrics,
+    types::{Direction, Mode, PodId, PodName, Redirect},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -45,22 +50,99 @@ pub enum ProxyError {
 /// Above the default somaxconn of older kernels, so bursts of connects are not dropped.
 const BACKLOG: i32 = 4096;
 
+/// The node-wide settings every connection is handled with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    /// How long a mutual TLS handshake may take (and how long a STRICT pod waits for a
+    /// ClientHello).
+    pub handshake_timeout: Duration,
+    /// How long a PERMISSIVE pod's inbound waits for a client's first bytes.
+    pub detect_timeout: Duration,
+    /// Destinations here must answer mutual TLS.
+    pub mesh_networks: Vec<ipnet::IpNet>,
+    /// Known workloads' addresses (canonical) and identities: in the mesh wherever they are.
+    pub known: HashMap<IpAddr, SpiffeId>,
+}
+
+impl Settings {
+    pub fn in_mesh(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.known.contains_key(&ip) || self.mesh_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// State shared by every connection task of every pod.
+pub struct Shared {
+    pub orig_dst: OrigDstTable,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    next_conn_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(orig_dst: OrigDstTable, settings: Settings) -> Arc<Self> {
+        Arc::new(Self {
+            orig_dst,
+            settings,
+            metrics: Arc::new(Metrics::new()),
+            next_conn_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// One pod's connections from first accept to the last byte: releasing the pod stops its
+/// accept loops, waits for its connections and, past the deadline, cuts them, without
+/// touching any other pod.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    /// Cancelled first: the pod's listeners stop accepting (and close).
+    pub stop_accepting: CancellationToken,
+    /// Cancelled when the drain deadline passes: open connections are cut.
+    pub abort: CancellationToken,
+    /// Every connection task of the pod.
+    pub tracker: TaskTracker,
+}
+
+impl Lifecycle {
+    /// Stops accepting, waits up to `deadline` for open connections, then cuts the rest.
+    /// Returns (connections at the start, connections cut).
+    pub async fn drain(&self, deadline: Duration) -> (usize, usize) {
+        self.stop_accepting.cancel();
+        self.tracker.close();
+        let open = self.tracker.len();
+        if tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return (open, 0);
+        }
+        let cut = self.tracker.len();
+        self.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        (open, cut)
+    }
+}
+
 /// An enrolled pod as the proxy sees it.
 #[derive(Debug)]
 pub struct Pod {
     pub name: PodName,
-    pub id: u32,
+    pub id: PodId,
     pub netns: Netns,
-    /// The pod's own (non-loopback) addresses.
-    pub addrs: Vec<IpAddr>,
     pub mode: Mode,
     /// Present when the pod has an identity: it then speaks mutual TLS with the mesh.
     pub tls: Option<PodTls>,
-    pub policy: Arc<crate::authz::PolicyStore>,
+    pub policy: Arc<PolicyStore>,
     /// How outbound connections reach the agent (and so where their destination is read).
-    pub redirect: crate::config::Redirect,
+    pub redirect: Redirect,
     /// SO_MARK for upstream sockets, so an iptables REDIRECT in the pod lets them pass.
     pub upstream_mark: Option<u32>,
+    pub life: Lifecycle,
 }
 
 impl Pod {
@@ -165,15 +247,8 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
-/// Which side of the pod a listener serves.
-#[derive(Clone, Copy, Debug)]
-pub enum Direction {
-    Outbound,
-    Inbound,
-}
-
-/// Accepts on one listener until `shared.stop_accepting` is cancelled, handing each
-/// connection to its direction's handler as a tracked task.
+/// Accepts on one listener until the pod stops accepting, handing each connection to its
+/// direction's handler as a task of the pod. The listener closes when this returns.
 pub async fn serve(
     listener: std::net::TcpListener,
     direction: Direction,
@@ -190,21 +265,23 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shared.stop_accepting.cancelled() => break,
+            _ = pod.life.stop_accepting.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let id = shared.next_id();
-                let (pod, shared2) = (pod.clone(), shared.clone());
+                let (pod2, shared2) = (pod.clone(), shared.clone());
                 match direction {
-                    Direction::Outbound => shared
+                    Direction::Outbound => pod
+                        .life
                         .tracker
-                        .spawn(outbound::handle(id, stream, peer, pod, shared2)),
-                    Direction::Inbound => shared
+                        .spawn(outbound::handle(id, stream, peer, pod2, shared2)),
+                    Direction::Inbound => pod
+                        .life
                         .tracker
-                        .spawn(inbound::handle(id, stream, peer, pod, shared2)),
+                        .spawn(inbound::handle(id, stream, peer, pod2, shared2)),
                 };
             }
             Err(e) => {
@@ -213,72 +290,6 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-/// State shared by every connection task.
-pub struct Shared {
-    pub orig_dst: OrigDstTable,
-    pub connect_timeout: Duration,
-    /// How long inbound waits for a client's first bytes.
-    pub detect_timeout: Duration,
-    /// Destinations here must answer mutual TLS.
-    pub mesh_networks: Vec<ipnet::IpNet>,
-    /// Known workloads' addresses and identities: in the mesh wherever they are.
-    pub known: std::collections::HashMap<IpAddr, String>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Event counters of the proxy (handshake failures by reason, refusals, downgrades).
-    counters: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
-    /// Cancelled on SIGTERM: listeners stop accepting.
-    pub stop_accepting: CancellationToken,
-    /// Cancelled when the drain deadline passes: open connections are cut.
-    pub abort: CancellationToken,
-    pub tracker: TaskTracker,
-    next_conn_id: AtomicU64,
-}
-
-impl Shared {
-    pub fn new(
-        orig_dst: OrigDstTable,
-        connect_timeout: Duration,
-        detect_timeout: Duration,
-        mesh_networks: Vec<ipnet::IpNet>,
-        known: std::collections::HashMap<IpAddr, String>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            orig_dst,
-            connect_timeout,
-            detect_timeout,
-            mesh_networks,
-            known,
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            counters: Default::default(),
-            stop_accepting: CancellationToken::new(),
-            abort: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            next_conn_id: AtomicU64::new(1),
-        })
-    }
-
-    pub fn next_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn count(&self, name: impl Into<String>) {
-        let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        *c.entry(name.into()).or_default() += 1;
-    }
-
-    pub fn counters(&self) -> std::collections::BTreeMap<String, u64> {
-        self.counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn in_mesh(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.known.contains_key(&ip) || self.mesh_networks.iter().any(|n| n.contains(&ip))
     }
 }
 
@@ -294,13 +305,6 @@ pub fn loopback_listen_addrs(port: u16) -> [SocketAddr; 2] {
 /// successful one.
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-}
-
-fn local_addr_string(stream: &TcpStream) -> String {
-    stream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default()
 }
 
 /// The rustls error inside an I/O error from tokio-rustls, as a short reason.

@@ -1,4 +1,4 @@
-//! TLS 1.3 between agents: the one place the crypto provider is built, the rustls configs,
+//! TLS 1.3 between agents: the rustls configs (built on the one provider of `crypto`),
 //! and the SPIFFE verifiers used on both sides.
 //!
 //! Both verifiers check the peer's chain against the pod's current trust bundle with
@@ -7,35 +7,23 @@
 //! destination address when one is configured. Hostnames play no part: SVIDs name
 //! workloads, not hosts.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::{Arc, OnceLock},
-};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::CryptoProvider,
     pki_types::{CertificateDer, ServerName, UnixTime},
     server::danger::{ClientCertVerified, ClientCertVerifier},
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, OtherError,
     ServerConfig, SignatureScheme,
 };
 
-use crate::identity::{spiffe_id_of, IdentityStore, SpiffeId};
-
-pub mod cache;
+use crate::{
+    crypto::provider,
+    identity::{chain_key, spiffe_id_of, IdentityStore, SpiffeId},
+};
 
 /// The ALPN protocol that marks an agent-to-agent connection.
 pub const ALPN: &[u8] = b"agent.mtls/1";
-
-/// ring, TLS 1.3 only, built once.
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
-}
 
 pub fn server_config(store: Arc<IdentityStore>) -> Arc<ServerConfig> {
     let verifier = Arc::new(ClientVerifier {
@@ -181,7 +169,7 @@ fn verify_peer(
     role: PeerRole,
 ) -> Result<SpiffeId, Error> {
     let ours = store.current();
-    let key = cache::key(role as u8, end_entity, intermediates);
+    let key = chain_key(role as u8, end_entity, intermediates);
     if let Some(peer) = ours.chain_cache.get(&key, now.as_secs() as i64) {
         return same_trust_domain(peer, &ours.spiffe_id);
     }

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use simnode::{proto::ConnResult, require_root, Agent, Node, Pod};
+use simnode::{pki::DevCa, proto::ConnResult, require_root, Agent, AgentConfig, Node, Pod};
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -79,6 +79,8 @@ pub fn uninstall(node: &Node) -> String {
     let out = std::process::Command::new(simnode::workspace_bin("agent"))
         .args(["uninstall", "--pin-root"])
         .arg(node.pin_root())
+        .arg("--state-dir")
+        .arg(node.state_dir())
         .output()
         .expect("agent uninstall");
     assert!(
@@ -87,4 +89,100 @@ pub fn uninstall(node: &Node) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Connections in one burst of [`mtls_burst`].
+pub const BURST: usize = 2000;
+
+/// What a burst did: the client's summary and the agent's account of it.
+pub struct Burst {
+    pub summary: simnode::proto::Summary,
+    /// Access records that did not end `ok` (at most five).
+    pub refusals: Vec<Value>,
+    pub records: usize,
+}
+
+impl Burst {
+    pub fn assert_all_ok(&self) {
+        assert_eq!(
+            self.summary.failed, 0,
+            "errors: {:?}; {} access records; agent refusals: {:#?}",
+            self.summary.errors, self.records, self.refusals
+        );
+        assert_eq!(self.summary.ok as usize, BURST);
+    }
+}
+
+/// [`BURST`] simultaneous connects from pod a to pod b (both STRICT, fail-closed, with the
+/// shipped detection timeout of 1 s and `pod_extra` lines for both pods); prints how long
+/// it took and the slowest handshake. The agent is stopped and the pins removed.
+pub fn mtls_burst(node: &Node, pod_extra: &str) -> Burst {
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let ca = DevCa::new(&node.tmp().join("ca"));
+    let td = "spiffe://td.test/ns/default/sa";
+    let sa = ca.issue(&format!("{td}/a"), &node.tmp().join("a"), false);
+    let sb = ca.issue(&format!("{td}/b"), &node.tmp().join("b"), false);
+    let _srv = b.serve(&[8080]);
+    let cfg = AgentConfig::new(node)
+        .mesh()
+        .set("protocol_detect_timeout_ms = 1000")
+        .log_level("info")
+        .pod_extra(
+            a,
+            "closed",
+            &format!("mode = \"strict\"\n{pod_extra}\n{}", sa.toml()),
+        )
+        .pod_extra(
+            b,
+            "closed",
+            &format!("mode = \"strict\"\n{pod_extra}\n{}", sb.toml()),
+        );
+    let mut agent = Agent::start(&cfg);
+    let started = std::time::Instant::now();
+    let count = BURST.to_string();
+    let summary = a.client(
+        at(b, false, 8080),
+        &[
+            "--count",
+            &count,
+            "--concurrency",
+            &count,
+            "--send",
+            "64",
+            "--reply",
+            "64",
+        ],
+    );
+    let elapsed = started.elapsed();
+    // Every connection has two records (both legs); wait for the last of them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while agent.access().len() < 2 * BURST && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let access = agent.access();
+    let handshakes: Vec<u64> = access
+        .iter()
+        .filter(|e| e["direction"] == "outbound")
+        .filter_map(|e| e["handshake_ms"].as_u64())
+        .collect();
+    println!(
+        "burst of {BURST}: {} ok, {} failed in {elapsed:?}; slowest outbound handshake {} ms ({} measured)",
+        summary.ok,
+        summary.failed,
+        handshakes.iter().max().copied().unwrap_or(0),
+        handshakes.len()
+    );
+    let burst = Burst {
+        refusals: access
+            .iter()
+            .filter(|e| e["outcome"] != "ok")
+            .take(5)
+            .cloned()
+            .collect(),
+        records: access.len(),
+        summary,
+    };
+    assert!(agent.stop().success());
+    uninstall(node);
+    burst
 }

@@ -14,6 +14,9 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
+mod addresses;
+pub use addresses::{AddressWatch, Addresses};
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("cannot open network namespace {path}: {source}")]
@@ -23,8 +26,11 @@ pub enum NetnsError {
     },
     #[error("cannot enter network namespace {path}: {source} (the agent needs CAP_SYS_ADMIN)")]
     Enter { path: PathBuf, source: nix::Error },
-    #[error("cannot list the addresses in network namespace {path}: {source}")]
-    Addresses { path: PathBuf, source: nix::Error },
+    #[error("cannot watch the addresses of network namespace {path}: {source}")]
+    Netlink {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read the cookie of network namespace {path}: {source} (needs Linux >= 5.14)")]
     Cookie {
         path: PathBuf,
@@ -64,28 +70,28 @@ impl Netns {
         &self.file
     }
 
-    /// The addresses configured inside the namespace, loopback excluded.
-    pub fn addresses(&self) -> Result<Vec<std::net::IpAddr>, NetnsError> {
-        let addrs =
-            self.run(nix::ifaddrs::getifaddrs)?
-                .map_err(|source| NetnsError::Addresses {
-                    path: self.path.clone(),
-                    source,
-                })?;
-        let mut out: Vec<std::net::IpAddr> = addrs
-            .filter_map(|a| {
-                let sa = a.address?;
-                let ip = if let Some(v4) = sa.as_sockaddr_in() {
-                    std::net::IpAddr::V4(v4.ip())
-                } else {
-                    std::net::IpAddr::V6(sa.as_sockaddr_in6()?.ip())
-                };
-                (!ip.is_loopback()).then_some(ip)
-            })
-            .collect();
-        out.sort();
-        out.dedup();
-        Ok(out)
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether `path` still names this namespace (it is gone once the bind mount is
+    /// removed or the process behind `/proc/PID/ns/net` exits; our own descriptor keeps
+    /// the namespace itself alive, so that is not the test).
+    pub fn still_at_path(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(ours), Ok(there)) = (self.file.metadata(), std::fs::metadata(&self.path)) else {
+            return false;
+        };
+        ours.dev() == there.dev() && ours.ino() == there.ino()
+    }
+
+    /// The namespace's identity on nsfs (device, inode), as the state file records it.
+    pub fn ident(&self) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        self.file
+            .metadata()
+            .map(|m| (m.dev(), m.ino()))
+            .unwrap_or((0, 0))
     }
 
     /// Runs `f` with the current thread inside this namespace.
@@ -105,6 +111,10 @@ impl Netns {
 
     /// The kernel's cookie for this namespace: what `bpf_get_netns_cookie` returns for
     /// sockets in it, and so the key of the pod in the kernel maps.
+    #[allow(
+        unsafe_code,
+        reason = "SO_NETNS_COOKIE has no safe wrapper in nix or socket2: one getsockopt on a u64"
+    )]
     pub fn cookie(&self) -> Result<u64, NetnsError> {
         let err = |source| NetnsError::Cookie {
             path: self.path.clone(),

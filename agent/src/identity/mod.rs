@@ -7,10 +7,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
-    },
+    sync::Arc,
 };
 
 use rustls::{
@@ -21,9 +18,15 @@ use rustls::{
 };
 use rustls_pki_types::TrustAnchor;
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::config::PodName;
+use crate::{
+    store::{Source, Store},
+    types::PodName,
+};
+
+mod chain_cache;
+pub use chain_cache::{key as chain_key, ChainCache};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -46,7 +49,8 @@ fn invalid(path: &Path, reason: impl Into<String>) -> IdentityError {
 }
 
 /// `spiffe://<trust-domain>/<path>`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(transparent)]
 pub struct SpiffeId(String);
 
 impl SpiffeId {
@@ -124,11 +128,54 @@ pub fn serial_of(cert: &[u8]) -> String {
 }
 
 /// Where a pod's identity lives on disk.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct IdentityFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub bundle: PathBuf,
+}
+
+/// The file names of the identity layouts `--identity-dir` understands, in the order they
+/// are tried: what `agent ca issue` writes, cert-manager's csi-driver-spiffe, and
+/// spiffe-helper's defaults.
+const LAYOUTS: [(&str, [&str; 3]); 3] = [
+    ("agent ca", ["cert.pem", "key.pem", "bundle.pem"]),
+    ("csi-driver-spiffe", ["tls.crt", "tls.key", "ca.crt"]),
+    (
+        "spiffe-helper",
+        ["svid.pem", "svid_key.pem", "svid_bundle.pem"],
+    ),
+];
+
+impl IdentityFiles {
+    /// The identity files in `dir`, in whichever known layout is complete there.
+    pub fn in_dir(dir: &Path) -> Result<Self, String> {
+        if !dir.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
+        for (_, [cert, key, bundle]) in LAYOUTS {
+            let files = Self {
+                cert: dir.join(cert),
+                key: dir.join(key),
+                bundle: dir.join(bundle),
+            };
+            if [&files.cert, &files.key, &files.bundle]
+                .iter()
+                .all(|p| p.exists())
+            {
+                return Ok(files);
+            }
+        }
+        let known: Vec<String> = LAYOUTS
+            .iter()
+            .map(|(who, names)| format!("{} ({who})", names.join(", ")))
+            .collect();
+        Err(format!(
+            "{} holds no complete identity; expected one of: {}",
+            dir.display(),
+            known.join("; ")
+        ))
+    }
 }
 
 /// A loaded, consistent identity.
@@ -140,7 +187,7 @@ pub struct Identity {
     pub serial: String,
     pub issuer: String,
     /// Peer chains verified against this identity's bundle.
-    pub chain_cache: crate::tls::cache::ChainCache,
+    pub chain_cache: ChainCache,
 }
 
 impl Identity {
@@ -188,14 +235,15 @@ impl Identity {
         let not_after = leaf.validity().not_after.timestamp();
         let serial = serial_of(&chain[0]);
         let issuer = leaf.issuer().to_string();
-        let certified =
-            CertifiedKey::from_der(chain, key, &crate::tls::provider()).map_err(|e| match e {
+        let certified = CertifiedKey::from_der(chain, key, &crate::crypto::provider()).map_err(
+            |e| match e {
                 rustls::Error::InconsistentKeys(_) => IdentityError::KeyMismatch {
                     cert: files.cert.clone(),
                     key: files.key.clone(),
                 },
                 other => invalid(&files.key, format!("unusable private key: {other}")),
-            })?;
+            },
+        )?;
         warn_if_key_readable(&files.key);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -227,73 +275,58 @@ fn warn_if_key_readable(key: &Path) {
     }
 }
 
-/// The identity a pod presents now; swapped atomically on rotation.
-pub struct IdentityStore {
-    pod: PodName,
-    files: IdentityFiles,
-    current: RwLock<Arc<Identity>>,
-    pub reloads_ok: AtomicU64,
-    pub reloads_failed: AtomicU64,
-}
+/// Where a pod's identity is loaded from (the store keeps it current).
+#[derive(Debug)]
+pub struct IdentitySource(pub IdentityFiles);
 
-impl std::fmt::Debug for IdentityStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdentityStore")
-            .field("pod", &self.pod)
-            .finish()
-    }
-}
+impl Source for IdentitySource {
+    type Value = Identity;
+    type Error = IdentityError;
+    const KIND: &'static str = "identity";
+    const REJECTED: &'static str = "identity reload rejected; the previous identity keeps serving";
 
-impl IdentityStore {
-    pub fn load(pod: PodName, files: IdentityFiles) -> Result<Arc<Self>, IdentityError> {
-        let id = Identity::load(&files)?;
-        info!(pod = %pod, spiffe_id = %id.spiffe_id, serial = %id.serial, not_after = id.not_after,
-              issuer = %id.issuer, "identity loaded");
-        Ok(Arc::new(Self {
-            pod,
-            files,
-            current: RwLock::new(Arc::new(id)),
-            reloads_ok: AtomicU64::new(0),
-            reloads_failed: AtomicU64::new(0),
-        }))
+    fn load(&self) -> Result<Identity, IdentityError> {
+        Identity::load(&self.0)
     }
 
-    pub fn current(&self) -> Arc<Identity> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn files(&self) -> Vec<&Path> {
+        vec![&self.0.cert, &self.0.key, &self.0.bundle]
     }
 
-    /// Loads the files again; on failure the previous identity stays in force.
-    pub fn reload(&self) {
-        match Identity::load(&self.files) {
-            Ok(id) => {
-                let changed = self.current().serial != id.serial;
-                if changed {
-                    info!(pod = %self.pod, spiffe_id = %id.spiffe_id, serial = %id.serial,
-                          not_after = id.not_after, "identity rotated: new handshakes use the new certificate");
-                }
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(id);
-                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+    fn loaded(&self, pod: &PodName, id: &Identity, previous: Option<&Identity>) {
+        match previous {
+            None => info!(pod = %pod, spiffe_id = %id.spiffe_id, serial = %id.serial,
+                          not_after = id.not_after, issuer = %id.issuer, "identity loaded"),
+            Some(old) if old.serial != id.serial => {
+                info!(pod = %pod, spiffe_id = %id.spiffe_id, serial = %id.serial,
+                      not_after = id.not_after, "identity rotated: new handshakes use the new certificate")
             }
-            Err(e) => {
-                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                error!(pod = %self.pod, error = %e, "identity reload rejected; the previous identity keeps serving");
-            }
+            Some(_) => {}
         }
     }
+}
 
-    /// Reloads whenever the identity files change; the watch lasts as long as the returned
-    /// handle.
-    pub fn watch(self: &Arc<Self>) -> Result<notify::RecommendedWatcher, notify::Error> {
-        let f = &self.files;
-        crate::watch::watch(
-            &[&f.cert, &f.key, &f.bundle],
-            format!("identity-{}", self.pod),
-            Arc::downgrade(self),
-            Self::reload,
-        )
+/// The identity a pod presents now; swapped atomically on rotation.
+pub type IdentityStore = Store<IdentitySource>;
+
+/// The verified identity of the peer of a mutual TLS connection, read from the
+/// certificate it presented in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub id: SpiffeId,
+    /// The certificate's serial number, as `openssl x509 -serial` prints it.
+    pub serial: String,
+}
+
+impl PeerIdentity {
+    /// From the chain a completed handshake verified (its leaf carries the one SPIFFE ID
+    /// the verifier already required).
+    pub fn from_chain(certs: Option<&[CertificateDer<'_>]>) -> Option<Self> {
+        let leaf = certs?.first()?;
+        Some(Self {
+            id: spiffe_id_of(leaf).ok()?,
+            serial: serial_of(leaf),
+        })
     }
 }
 
@@ -316,6 +349,25 @@ impl ResolvesClientCert for IdentityStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_dir_layouts() {
+        let dir = std::env::temp_dir().join(format!("identity-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = IdentityFiles::in_dir(&dir).unwrap_err();
+        assert!(
+            err.contains("tls.crt, tls.key, ca.crt (csi-driver-spiffe)"),
+            "{err}"
+        );
+        for f in ["tls.crt", "tls.key", "ca.crt"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        assert_eq!(
+            IdentityFiles::in_dir(&dir).unwrap().bundle,
+            dir.join("ca.crt")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn spiffe_ids() {

@@ -10,7 +10,7 @@ use tracing_subscriber::{
     EnvFilter, Layer, Registry,
 };
 
-use crate::config::LogFormat;
+use crate::types::LogFormat;
 
 type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
 type FmtLayer = Box<dyn Layer<Filtered> + Send + Sync>;

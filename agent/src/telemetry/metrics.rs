@@ -5,10 +5,12 @@
 //! (seconds, bytes), labels for direction, outcome, reason, rule.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::BTreeMap,
     fmt::Write,
-    sync::Mutex,
+    sync::atomic::{AtomicU64, Ordering},
 };
+
+use dashmap::DashMap;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -68,6 +70,10 @@ pub struct ConnInfo {
     pub peer_identity: String,
     pub peer_serial: String,
     pub policy_rule: String,
+    /// Inbound: what the first bytes were (`agent_tls`, `plaintext`, `timeout`).
+    pub detected: &'static str,
+    /// How long the mutual TLS handshake took.
+    pub handshake_ms: Option<u64>,
     pub state: &'static str,
     pub outcome: String,
     pub reason: String,
@@ -86,8 +92,40 @@ pub struct Metrics {
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub handshake_seconds: Family<DirLabels, Histogram>,
     pub authz: Family<AuthzLabels, Counter>,
-    live: Mutex<BTreeMap<u64, ConnInfo>>,
-    recent: Mutex<VecDeque<ConnInfo>>,
+    /// Sharded maps, so connections opening and closing on every core do not queue on one
+    /// lock.
+    live: DashMap<u64, ConnInfo>,
+    /// Closed connections by the order they closed in; only the last [`RECENT`] are kept.
+    recent: DashMap<u64, ConnInfo>,
+    closed_seq: AtomicU64,
+    events: EventCounters,
+}
+
+/// Named event counters of the proxy (handshake failures by reason, refusals,
+/// downgrades), logged when the agent stops.
+#[derive(Default)]
+pub struct EventCounters {
+    counts: DashMap<String, AtomicU64>,
+}
+
+impl EventCounters {
+    pub fn count(&self, name: &str) {
+        if let Some(c) = self.counts.get(name) {
+            c.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.counts
+            .entry(name.to_string())
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        self.counts
+            .iter()
+            .map(|e| (e.key().clone(), e.value().load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 impl Default for Metrics {
@@ -147,9 +185,20 @@ impl Metrics {
             handshake_failures,
             handshake_seconds,
             authz,
-            live: Mutex::new(BTreeMap::new()),
-            recent: Mutex::new(VecDeque::new()),
+            live: DashMap::new(),
+            recent: DashMap::new(),
+            closed_seq: AtomicU64::new(0),
+            events: EventCounters::default(),
         }
+    }
+
+    /// Counts one named event (see [`EventCounters`]).
+    pub fn count(&self, name: &str) {
+        self.events.count(name);
+    }
+
+    pub fn events(&self) -> BTreeMap<String, u64> {
+        self.events.snapshot()
     }
 
     pub fn authz(&self, pod: &str, scope: &'static str, allow: bool, rule: &str) {
@@ -189,30 +238,17 @@ impl Metrics {
                 direction: info.direction,
             })
             .inc();
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(info.id, info);
+        self.live.insert(info.id, info);
     }
 
     pub fn conn_update(&self, id: u64, f: impl FnOnce(&mut ConnInfo)) {
-        if let Some(c) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&id)
-        {
-            f(c);
+        if let Some(mut c) = self.live.get_mut(&id) {
+            f(&mut c);
         }
     }
 
     pub fn conn_closed(&self, id: u64, f: impl FnOnce(&mut ConnInfo)) {
-        let Some(mut c) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)
-        else {
+        let Some((_, mut c)) = self.live.remove(&id) else {
             return;
         };
         f(&mut c);
@@ -240,20 +276,17 @@ impl Metrics {
                 flow: "received",
             })
             .inc_by(c.bytes_received);
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() == RECENT {
-            recent.pop_front();
+        let seq = self.closed_seq.fetch_add(1, Ordering::Relaxed);
+        self.recent.insert(seq, c);
+        if let Some(old) = seq.checked_sub(RECENT as u64) {
+            self.recent.remove(&old);
         }
-        recent.push_back(c);
     }
 
     pub fn live(&self) -> Vec<ConnInfo> {
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        let mut v: Vec<ConnInfo> = self.live.iter().map(|e| e.value().clone()).collect();
+        v.sort_by_key(|c| c.id);
+        v
     }
 
     /// A connection by id or by its client address (`ip:port` as the agent saw it), live
@@ -273,22 +306,15 @@ impl Metrics {
     }
 
     fn search(&self, hit: impl Fn(&ConnInfo) -> bool) -> Option<ConnInfo> {
-        if let Some(c) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .find(|c| hit(c))
-        {
-            return Some(c.clone());
+        if let Some(c) = self.live.iter().find(|c| hit(c.value())) {
+            return Some(c.value().clone());
         }
+        // The most recent match: the last to close.
         self.recent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .rev()
-            .find(|c| hit(c))
-            .cloned()
+            .filter(|c| hit(c.value()))
+            .max_by_key(|c| *c.key())
+            .map(|c| c.value().clone())
     }
 
     /// The exposition text: the registry, plus `extra` families (kernel counters, reloads,

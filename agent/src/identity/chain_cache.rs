@@ -9,12 +9,11 @@
 //! The cache lives inside one loaded identity (it belongs to that trust bundle): a rotation
 //! or a new bundle starts with an empty one.
 
-use std::{collections::HashMap, sync::Mutex};
-
+use dashmap::DashMap;
 use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
-use crate::identity::SpiffeId;
+use super::SpiffeId;
 
 /// Bounded: when full it is emptied (a burst of new peers costs one full check each).
 const MAX_ENTRIES: usize = 4096;
@@ -31,7 +30,8 @@ struct Entry {
 
 #[derive(Debug, Default)]
 pub struct ChainCache {
-    entries: Mutex<HashMap<Key, Entry>>,
+    /// Sharded, so concurrent handshakes do not queue on one lock.
+    entries: DashMap<Key, Entry>,
 }
 
 /// The key of a chain presented for a usage (client or server authentication).
@@ -49,8 +49,7 @@ pub fn key(usage: u8, end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -
 impl ChainCache {
     /// The peer's identity if this chain was verified and is still inside its window.
     pub fn get(&self, key: &Key, now: i64) -> Option<SpiffeId> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let e = entries.get(key)?;
+        let e = self.entries.get(key)?;
         (e.not_before <= now && now < e.not_after).then(|| e.peer.clone())
     }
 
@@ -66,11 +65,10 @@ impl ChainCache {
         let Some((not_before, not_after)) = window(end_entity, intermediates) else {
             return;
         };
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= MAX_ENTRIES {
-            entries.clear();
+        if self.entries.len() >= MAX_ENTRIES {
+            self.entries.clear();
         }
-        entries.insert(
+        self.entries.insert(
             key,
             Entry {
                 peer,
@@ -82,7 +80,7 @@ impl ChainCache {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.entries.len()
     }
 }
 

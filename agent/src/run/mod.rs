@@ -1,0 +1,165 @@
+//! `agent run`: load the programs, re-adopt what a previous agent left, enrol the
+//! configured pods, serve the admin API (which enrols and releases pods at runtime), and on
+//! SIGTERM/SIGINT stop in an order that never leaves a pod less protected than its fail
+//! mode promises. The only reader of [`crate::config`].
+
+mod node;
+mod restore;
+
+use std::sync::Arc;
+
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{error, info};
+
+use crate::{
+    admin::Admin,
+    cgroup,
+    config::Config,
+    ebpf::{EbpfError, Kernel},
+    proxy::{Settings, Shared},
+    state::StateDir,
+    telemetry,
+};
+use node::{Event, Node, NodeSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("pod {pod}: {reason}")]
+    Enroll { pod: String, reason: String },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// How often the agent looks for pods whose network namespace went away.
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    raise_fd_limit();
+    let state = StateDir::open(&cfg.state_dir)?;
+    let (mut kernel, orig_dst) =
+        Kernel::load(telemetry::kernel_log_level(&cfg.log_level), &cfg.pin_root)?;
+    kernel.spawn_log_forwarder()?;
+    let (own_dir, own_id) = cgroup::own()?;
+    kernel.pods.exempt_agent_cgroup(own_id)?;
+    info!(cgroup = %own_dir.display(), cgroup_id = own_id, "agent's own sockets are exempt by cgroup");
+    for ip in &cfg.probe_sources {
+        kernel.pods.add_probe_source(*ip)?;
+    }
+    let known: std::collections::HashMap<_, _> = cfg.workloads.iter().cloned().collect();
+    let expected: crate::tls::Expected = Arc::new(known.clone());
+    let shared = Shared::new(
+        orig_dst,
+        Settings {
+            connect_timeout: cfg.connect_timeout,
+            handshake_timeout: cfg.handshake_timeout,
+            detect_timeout: cfg.protocol_detect_timeout,
+            mesh_networks: cfg.mesh_networks.clone(),
+            known,
+        },
+    );
+    let (control_tx, mut control_rx) = mpsc::channel(64);
+    let admin = Admin::new(
+        shared.clone(),
+        kernel.counters.clone(),
+        cfg.pin_root.clone(),
+        control_tx,
+    );
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut node = Node::new(
+        kernel,
+        shared.clone(),
+        expected,
+        NodeSettings {
+            outbound_port: cfg.outbound_port,
+            inbound_port: cfg.inbound_port,
+            pin_root: cfg.pin_root.clone(),
+            drain_timeout: cfg.drain_timeout,
+            pod_defaults: cfg.pod_defaults.clone(),
+        },
+        state,
+        events_tx,
+        admin.clone(),
+        own_dir,
+    );
+    if let Err(e) = restore::restore(&mut node, cfg.pods.clone()).await {
+        error!(error = %e, "enrollment failed; releasing the pods enrolled so far");
+        finish(node, &cfg, std::time::Duration::ZERO).await;
+        return Err(e);
+    }
+    node.publish();
+    admin.serve(&cfg.admin_socket)?;
+    if let Some(addr) = cfg.admin_tcp {
+        admin.serve_tcp(addr).await?;
+    }
+    admin
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(pods = node.served_count(), outbound_port = cfg.outbound_port,
+          inbound_port = cfg.inbound_port, admin_socket = %cfg.admin_socket.display(),
+          state_dir = %cfg.state_dir.display(), "agent ready");
+
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
+    let mut reap = tokio::time::interval(REAP_EVERY);
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!(signal = "SIGTERM", "signal received"); break }
+            _ = int.recv() => { info!(signal = "SIGINT", "signal received"); break }
+            _ = hup.recv() => {
+                info!(signal = "SIGHUP", "reloading policies and identities");
+                node.reload_all();
+            }
+            Some(c) = control_rx.recv() => node.control(c).await,
+            Some(ev) = events.recv() => match ev {
+                Event::Addresses { name, gen, addrs } => node.addresses(&name, gen, addrs),
+                Event::Drained { name, gen, open, cut } => node.drained(&name, gen, open, cut),
+            },
+            _ = reap.tick() => node.reap(),
+        }
+    }
+    admin
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    info!("stopping: no new connections; draining");
+    finish(node, &cfg, cfg.drain_timeout).await;
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    info!("agent stopped");
+    Ok(())
+}
+
+/// Stops serving every pod, logs the counters, and unpins the maps when nothing of ours
+/// stays in the kernel.
+async fn finish(node: Node, cfg: &Config, deadline: std::time::Duration) {
+    let counters = node.kernel().counters.clone();
+    let metrics = node.metrics();
+    node.shutdown(deadline).await;
+    let kernel: std::collections::BTreeMap<&str, u64> = counters.snapshot().into_iter().collect();
+    info!(counters = %serde_json::to_string(&kernel).unwrap_or_default(), "kernel counters");
+    info!(counters = %serde_json::to_string(&metrics.events()).unwrap_or_default(), "proxy counters");
+    if crate::ebpf::pinned_pods(&cfg.pin_root).is_empty() {
+        crate::ebpf::dump::unpin_maps(&cfg.pin_root);
+    }
+}
+
+/// Every proxied connection costs two descriptors; the usual soft limit of 1024 would cap
+/// the agent at ~500 connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}

@@ -1,0 +1,947 @@
+//! The pods of this node, enrolled and released at runtime.
+//!
+//! One task owns this registry (and with it the kernel's maps and links), so enrolments,
+//! releases, address changes and the reaping of vanished pods are applied one at a time,
+//! in order. Everything a pod gets is derived from its one [`PodSpec`]: the proxy's view
+//! ([`Pod`]), the kernel entry ([`PodEntry`]), its links, its record in the state
+//! directory and the admin view.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use agent_common::{
+    PodConfig as KernelPod, POD_FLAG_ACCELERATE, POD_FLAG_BLOCK, POD_FLAG_FAIL_OPEN,
+};
+use aya::programs::links::FdLink;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{Admin, ControlError, ControlReply, PodView},
+    authz::{PolicySource, PolicyStore},
+    ebpf::{Kernel, PodEntry, PodLinks},
+    identity::{IdentitySource, IdentityStore},
+    netns::{Addresses, Netns},
+    proxy::{self, Lifecycle, Pod, PodTls, Shared},
+    spec::{PodDefaults, PodSpec},
+    state::{Origin, Record, StateDir, Status},
+    tls::Expected,
+    types::{Direction, FailMode, PodId, PodName, Redirect},
+};
+
+/// The node-wide settings enrolment needs.
+pub(super) struct NodeSettings {
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub pin_root: PathBuf,
+    pub drain_timeout: Duration,
+    pub pod_defaults: PodDefaults,
+}
+
+/// What reaches the registry's task besides admin requests.
+pub(super) enum Event {
+    /// A pod's address set changed (`gen` tells this enrolment from an earlier one).
+    Addresses {
+        name: PodName,
+        gen: u64,
+        addrs: Addresses,
+    },
+    /// A release finished draining the pod's connections.
+    Drained {
+        name: PodName,
+        gen: u64,
+        open: usize,
+        cut: usize,
+    },
+}
+
+/// How a served pod got here, for the admin view.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    Config,
+    Api,
+    /// Re-adopted from the state a previous agent recorded.
+    State,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Api => "api",
+            Source::State => "state",
+        }
+    }
+    fn origin(self) -> Origin {
+        match self {
+            Source::Config => Origin::Config,
+            Source::Api | Source::State => Origin::Api,
+        }
+    }
+}
+
+/// A pod the agent serves.
+struct Served {
+    gen: u64,
+    spec: PodSpec,
+    source: Source,
+    pod: Arc<Pod>,
+    entry: PodEntry,
+    links: PodLinks,
+    netns_ident: (u64, u64),
+    addrs: Addresses,
+    /// Keep the identity and policy files watched while the pod is served.
+    _watchers: Vec<notify::RecommendedWatcher>,
+    addr_task: tokio::task::JoinHandle<()>,
+    /// Set while a release drains the pod: who is waiting for it to finish.
+    releasing: Option<Vec<oneshot::Sender<ControlReply>>>,
+    /// Its links replaced pinned ones (a previous agent's, or its own while blocked).
+    adopted: bool,
+}
+
+/// A fail-closed pod the agent does not serve: its pinned programs refuse its
+/// connections until it is enrolled again or its namespace goes away.
+pub(super) struct Blocked {
+    pub id: Option<PodId>,
+    /// The namespace's path and its (device, inode), when known.
+    pub netns: Option<(PathBuf, (u64, u64))>,
+    pub cgroup: Option<PathBuf>,
+    pub record: Option<Record>,
+    /// Its entry in this agent's maps (blocking its connects), when it has one.
+    pub entry: Option<PodEntry>,
+    pub note: String,
+}
+
+impl Blocked {
+    /// A pod the agent knows only by name (and, maybe, by its pins).
+    pub fn unknown(note: impl Into<String>) -> Self {
+        Self {
+            id: None,
+            netns: None,
+            cgroup: None,
+            record: None,
+            entry: None,
+            note: note.into(),
+        }
+    }
+}
+
+pub(super) struct Node {
+    kernel: Kernel,
+    shared: Arc<Shared>,
+    expected: Expected,
+    settings: NodeSettings,
+    state: StateDir,
+    events: mpsc::UnboundedSender<Event>,
+    admin: Arc<Admin>,
+    own_cgroup: PathBuf,
+    served: BTreeMap<PodName, Served>,
+    pub(super) blocked: BTreeMap<String, Blocked>,
+    /// Which pod each steered address belongs to (a node-wide key in the kernel).
+    owners: HashMap<IpAddr, PodName>,
+    next_gen: u64,
+    /// sock_ops on the agent's own cgroup, once a pod wants the splice.
+    agent_sock_ops: Option<FdLink>,
+}
+
+fn failed(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Failed(e.to_string())
+}
+
+impl Node {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the registry's parts, assembled once by run()"
+    )]
+    pub(super) fn new(
+        kernel: Kernel,
+        shared: Arc<Shared>,
+        expected: Expected,
+        settings: NodeSettings,
+        state: StateDir,
+        events: mpsc::UnboundedSender<Event>,
+        admin: Arc<Admin>,
+        own_cgroup: PathBuf,
+    ) -> Self {
+        Self {
+            kernel,
+            shared,
+            expected,
+            settings,
+            state,
+            events,
+            admin,
+            own_cgroup,
+            served: BTreeMap::new(),
+            blocked: BTreeMap::new(),
+            owners: HashMap::new(),
+            next_gen: 1,
+            agent_sock_ops: None,
+        }
+    }
+
+    pub(super) fn defaults(&self) -> &PodDefaults {
+        &self.settings.pod_defaults
+    }
+
+    pub(super) fn pin_root(&self) -> &Path {
+        &self.settings.pin_root
+    }
+
+    pub(super) fn state(&self) -> &StateDir {
+        &self.state
+    }
+
+    pub(super) fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    pub(super) fn metrics(&self) -> Arc<crate::telemetry::metrics::Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    pub(super) fn served_count(&self) -> usize {
+        self.served.len()
+    }
+
+    pub(super) fn is_known(&self, name: &str) -> bool {
+        self.blocked.contains_key(name) || self.served.keys().any(|n| n.as_str() == name)
+    }
+
+    /// SIGHUP: every served pod reads its policy and identity again.
+    pub(super) fn reload_all(&self) {
+        for s in self.served.values() {
+            s.pod.policy.reload();
+            if let Some(tls) = &s.pod.tls {
+                tls.store.reload();
+            }
+        }
+    }
+
+    /// Handles one admin request.
+    pub(super) async fn control(&mut self, c: crate::admin::Control) {
+        match c {
+            crate::admin::Control::Enroll { request, reply } => {
+                let result =
+                    match request.validate("", &self.settings.pod_defaults, &crate::spec::System) {
+                        Ok(spec) => self.enroll(spec, Source::Api).await,
+                        Err(e) => Err(ControlError::Invalid(e.to_string())),
+                    };
+                if let Err(e) = &result {
+                    warn!(pod = %request.name, error = %e, "enrolment refused");
+                }
+                let _ = reply.send(result);
+            }
+            crate::admin::Control::Release { name, reply } => self.release(&name, reply),
+        }
+    }
+
+    /// Enrols a pod, or confirms it is already enrolled with the same spec. On error
+    /// nothing of the request stays behind.
+    pub(super) async fn enroll(&mut self, spec: PodSpec, source: Source) -> ControlReply {
+        self.enroll_as(spec, source, None).await
+    }
+
+    /// [`Node::enroll`], keeping the pod's id from a previous agent when it is free.
+    pub(super) async fn enroll_as(
+        &mut self,
+        spec: PodSpec,
+        source: Source,
+        want_id: Option<PodId>,
+    ) -> ControlReply {
+        let name = spec.name.clone();
+        if let Some(s) = self.served.get(&name) {
+            if s.releasing.is_some() {
+                return Err(ControlError::Conflict(format!(
+                    "pod {name} is being released; enrol it again once that is done"
+                )));
+            }
+            let diff = s.spec.diff(&spec);
+            if diff.is_empty() {
+                return Ok(json!({"pod": name, "result": "unchanged", "pod_id": s.pod.id}));
+            }
+            return Err(ControlError::Conflict(format!(
+                "pod {name} is already enrolled with a different spec ({}): release it first",
+                diff.join("; ")
+            )));
+        }
+        for (other, s) in &self.served {
+            if s.spec.netns == spec.netns {
+                return Err(ControlError::Invalid(format!(
+                    "netns: {} is already used by pod {other}",
+                    spec.netns.display()
+                )));
+            }
+            if s.spec.cgroup == spec.cgroup {
+                return Err(ControlError::Invalid(format!(
+                    "cgroup: {} is already used by pod {other}",
+                    spec.cgroup.display()
+                )));
+            }
+        }
+        let previous = self.blocked.remove(name.as_str());
+        match self.attach(&spec, source, previous.as_ref(), want_id).await {
+            Ok(served) => {
+                // A blocked pod's entry (kept without exclusions) was overwritten by the
+                // new one: the kernel key is the namespace.
+                let (id, adopted) = (served.pod.id, served.adopted);
+                self.record(&served, Status::Enrolled);
+                self.served.insert(name.clone(), served);
+                self.publish();
+                Ok(json!({"pod": name, "result": "enrolled", "pod_id": id, "adopted": adopted}))
+            }
+            Err(e) => {
+                if let Some(b) = previous {
+                    self.blocked.insert(name.to_string(), b);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn id_in_use(&self, id: PodId) -> bool {
+        self.served.values().any(|s| s.pod.id == id)
+    }
+
+    fn free_id(&self) -> PodId {
+        (1..)
+            .map(PodId)
+            .find(|id| !self.id_in_use(*id))
+            .expect("fewer pods than ids")
+    }
+
+    /// Everything for one pod, in an order that never exposes it: stores, namespace,
+    /// listeners, then the kernel entry, addresses and links.
+    async fn attach(
+        &mut self,
+        spec: &PodSpec,
+        source: Source,
+        previous: Option<&Blocked>,
+        want_id: Option<PodId>,
+    ) -> Result<Served, ControlError> {
+        let name = spec.name.clone();
+        let id = previous
+            .and_then(|b| b.id)
+            .or(want_id)
+            .filter(|id| !self.id_in_use(*id))
+            .unwrap_or_else(|| self.free_id());
+        let policy = PolicyStore::load(name.clone(), PolicySource(spec.policy.clone()))
+            .map_err(|e| ControlError::Invalid(format!("policy: {e}")))?;
+        let mut watchers = Vec::new();
+        watchers.extend(
+            policy
+                .watch()
+                .map_err(|e| failed(format!("cannot watch the policy file: {e}")))?,
+        );
+        let tls = match &spec.identity {
+            Some(files) => {
+                let store = IdentityStore::load(name.clone(), IdentitySource(files.clone()))
+                    .map_err(|e| ControlError::Invalid(format!("identity: {e}")))?;
+                watchers.extend(
+                    store
+                        .watch()
+                        .map_err(|e| failed(format!("cannot watch the identity files: {e}")))?,
+                );
+                Some(PodTls {
+                    server: crate::tls::server_config(store.clone()),
+                    client: crate::tls::client_config(store.clone(), self.expected.clone()),
+                    store,
+                })
+            }
+            None => None,
+        };
+        let netns = Netns::open(&spec.netns).map_err(failed)?;
+        let cookie = netns.cookie().map_err(failed)?;
+        let netns_ident = netns.ident();
+        // Subscribed before the first read, so no address change is missed.
+        let mut watch = netns.watch_addresses().map_err(failed)?;
+        let addrs = watch.current().await.map_err(failed)?;
+        let pod = Arc::new(Pod {
+            name: name.clone(),
+            id,
+            netns,
+            mode: spec.mode,
+            tls,
+            policy,
+            redirect: spec.redirect,
+            upstream_mark: spec.upstream_mark,
+            life: Lifecycle::default(),
+        });
+        // Listeners exist before any connection can be steered to them.
+        let outbound = pod
+            .bind_loopback(self.settings.outbound_port)
+            .map_err(failed)?;
+        let inbound = pod
+            .bind_loopback(self.settings.inbound_port)
+            .map_err(failed)?;
+        for l in &inbound {
+            let v6 = l.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+            self.kernel.listeners.set(id.0, v6, l).map_err(failed)?;
+        }
+        let entry = kernel_entry(spec, id, cookie, self.settings.outbound_port);
+        if let Err(e) = self.kernel.pods.install(&entry) {
+            self.kernel.pods.remove(&entry);
+            return Err(failed(e));
+        }
+        let mut claimed = Addresses::new();
+        for ip in &addrs {
+            if self.claim(&name, &entry, *ip) {
+                claimed.insert(*ip);
+            }
+        }
+        let attached = PodLinks::attach(
+            &mut self.kernel,
+            &name,
+            &spec.cgroup,
+            pod.netns.file(),
+            &self.settings.pin_root,
+            spec.fail_mode == FailMode::Closed,
+            spec.redirect == Redirect::Ebpf,
+        );
+        let (links, replaced) = match attached {
+            Ok(l) => l,
+            Err(e) => {
+                for ip in &claimed {
+                    self.unclaim(&name, *ip);
+                }
+                self.kernel.pods.remove(&entry);
+                return Err(failed(e));
+            }
+        };
+        if replaced > 0 {
+            info!(pod = %name, replaced, "adopted the pod from a previous agent");
+        }
+        if spec.accelerate {
+            self.ensure_agent_sock_ops();
+        }
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        for (listeners, direction) in [
+            (outbound, Direction::Outbound),
+            (inbound, Direction::Inbound),
+        ] {
+            for l in listeners {
+                tokio::spawn(proxy::serve(l, direction, pod.clone(), self.shared.clone()));
+            }
+        }
+        let events = self.events.clone();
+        let watched = name.clone();
+        let addr_task = tokio::spawn(async move {
+            while let Some(next) = watch.changed().await {
+                match next {
+                    Ok(addrs) => {
+                        let _ = events.send(Event::Addresses {
+                            name: watched.clone(),
+                            gen,
+                            addrs,
+                        });
+                    }
+                    Err(e) => warn!(pod = %watched, error = %e, "cannot read the pod's addresses"),
+                }
+            }
+        });
+        info!(pod = %name, pod_id = id.0, netns = %spec.netns.display(), netns_cookie = cookie,
+              cgroup = %spec.cgroup.display(), fail_mode = ?spec.fail_mode, mode = ?spec.mode,
+              source = source.label(), addrs = ?claimed, exclude_ports = ?spec.exclude_ports,
+              exclude_cidrs = ?spec.exclude_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+              exclude_inbound_ports = ?spec.exclude_inbound_ports, probe_ports = ?spec.probe_ports,
+              "pod enrolled");
+        Ok(Served {
+            gen,
+            spec: spec.clone(),
+            source,
+            pod,
+            entry,
+            links,
+            netns_ident,
+            addrs: claimed,
+            _watchers: watchers,
+            addr_task,
+            releasing: None,
+            adopted: replaced > 0,
+        })
+    }
+
+    fn ensure_agent_sock_ops(&mut self) {
+        if self.agent_sock_ops.is_some() {
+            return;
+        }
+        // The agent's end of an accelerated hop is its own socket (its cgroup, not the
+        // pod's): sock_ops must see it too. Detached when the agent exits.
+        let attached = std::fs::File::open(&self.own_cgroup)
+            .map_err(|e| e.to_string())
+            .and_then(|dir| {
+                crate::ebpf::attach_sock_ops(&mut self.kernel, &dir).map_err(|e| e.to_string())
+            });
+        match attached {
+            Ok(link) => {
+                info!(cgroup = %self.own_cgroup.display(), "acceleration: sock_ops attached to the agent's cgroup");
+                self.agent_sock_ops = Some(link);
+            }
+            Err(e) => {
+                warn!(error = %e, "acceleration: cannot attach sock_ops to the agent's cgroup; the splice stays off")
+            }
+        }
+    }
+
+    /// Steers `ip` to `pod`, unless another served pod owns it (a pod cannot take a
+    /// neighbour's address: the kernel key is the address alone).
+    fn claim(&mut self, pod: &PodName, entry: &PodEntry, ip: IpAddr) -> bool {
+        if let Some(owner) = self.owners.get(&ip) {
+            if owner != pod {
+                warn!(pod = %pod, address = %ip, owner = %owner,
+                      "address conflict: the address belongs to another enrolled pod and is not steered for this one (its connections there are dropped)");
+                self.shared.metrics.count("address_conflict");
+                return false;
+            }
+            return true;
+        }
+        if let Err(e) = self.kernel.pods.add_address(entry, ip) {
+            error!(pod = %pod, address = %ip, error = %e, "cannot steer an address of the pod");
+            return false;
+        }
+        self.owners.insert(ip, pod.clone());
+        true
+    }
+
+    fn unclaim(&mut self, pod: &PodName, ip: IpAddr) {
+        if self.owners.get(&ip) == Some(pod) {
+            self.owners.remove(&ip);
+            self.kernel.pods.remove_address(ip);
+        }
+    }
+
+    /// Applies a pod's new address set.
+    pub(super) fn addresses(&mut self, name: &PodName, gen: u64, addrs: Addresses) {
+        let Some(s) = self.served.get(name) else {
+            return;
+        };
+        if s.gen != gen || s.releasing.is_some() {
+            return;
+        }
+        let (old, entry) = (s.addrs.clone(), s.entry.clone());
+        let mut now = Addresses::new();
+        for ip in &addrs {
+            if self.claim(name, &entry, *ip) {
+                now.insert(*ip);
+            }
+        }
+        for ip in old.difference(&addrs) {
+            self.unclaim(name, *ip);
+        }
+        if now != old {
+            info!(pod = %name, added = ?now.difference(&old).collect::<Vec<_>>(),
+                  removed = ?old.difference(&now).collect::<Vec<_>>(), "pod addresses changed");
+        }
+        if let Some(s) = self.served.get_mut(name) {
+            s.addrs = now;
+        }
+        self.publish();
+    }
+
+    /// Starts releasing a pod: its new connections stop reaching the agent at once
+    /// (fail-open: they go direct; fail-closed: they are refused), then its open
+    /// connections drain, up to the drain deadline.
+    pub(super) fn release(&mut self, name: &str, reply: oneshot::Sender<ControlReply>) {
+        let Some(key) = self.served.keys().find(|n| n.as_str() == name).cloned() else {
+            let what = if self.blocked.contains_key(name) {
+                format!("pod {name} is not enrolled (it is blocked: enrol it again, or `agent uninstall --pod {name}` to unblock it)")
+            } else {
+                format!("pod {name} is not enrolled")
+            };
+            let _ = reply.send(Err(ControlError::NotFound(what)));
+            return;
+        };
+        let s = self.served.get_mut(&key).expect("found above");
+        if let Some(waiting) = &mut s.releasing {
+            waiting.push(reply);
+            return;
+        }
+        s.releasing = Some(vec![reply]);
+        s.addr_task.abort();
+        let (gen, fail_mode, pod) = (s.gen, s.spec.fail_mode, s.pod.clone());
+        match fail_mode {
+            FailMode::Closed => self.block(&key),
+            FailMode::Open => self.detach(&key),
+        }
+        info!(pod = %key, fail_mode = ?fail_mode, "releasing the pod: draining its connections");
+        let (events, deadline) = (self.events.clone(), self.settings.drain_timeout);
+        tokio::spawn(async move {
+            let (open, cut) = pod.life.drain(deadline).await;
+            let _ = events.send(Event::Drained {
+                name: key,
+                gen,
+                open,
+                cut,
+            });
+        });
+        self.publish();
+    }
+
+    /// A fail-closed pod's connects are refused from now on (inbound needs no switch: once
+    /// its listeners close, sk_lookup finds no socket and drops).
+    fn block(&mut self, name: &PodName) {
+        let Some(s) = self.served.get(name) else {
+            return;
+        };
+        let mut blocked = s.entry.config;
+        blocked.flags |= POD_FLAG_BLOCK;
+        if let Err(e) = self.kernel.pods.set_config(s.entry.netns_cookie, blocked) {
+            error!(pod = %name, error = %e, "cannot switch the pod to blocking");
+        }
+    }
+
+    /// A fail-open pod's traffic goes direct from now on.
+    fn detach(&mut self, name: &PodName) {
+        let Some(s) = self.served.get_mut(name) else {
+            return;
+        };
+        let links = std::mem::replace(&mut s.links, PodLinks::none());
+        links.detach();
+        let (entry, addrs) = (s.entry.clone(), s.addrs.clone());
+        self.kernel.pods.remove(&entry);
+        for ip in addrs {
+            self.unclaim(name, ip);
+        }
+    }
+
+    /// A release finished draining.
+    pub(super) fn drained(&mut self, name: &PodName, gen: u64, open: usize, cut: usize) {
+        if self.served.get(name).is_none_or(|s| s.gen != gen) {
+            return;
+        }
+        let mut s = self.served.remove(name).expect("checked above");
+        let waiting = s.releasing.take().unwrap_or_default();
+        let fail_mode = s.spec.fail_mode;
+        if fail_mode == FailMode::Closed {
+            self.park(
+                s,
+                "released (fail-closed): its connections are refused until it is enrolled again"
+                    .into(),
+            );
+        } else {
+            self.state.remove(name.as_str());
+            info!(pod = %name, "pod released (fail-open): nothing left attached");
+        }
+        let reply = json!({"pod": name, "result": "released", "fail_mode": fail_mode,
+                           "drained": open, "cut_at_deadline": cut});
+        for w in waiting {
+            let _ = w.send(Ok(reply.clone()));
+        }
+        self.publish();
+    }
+
+    /// Keeps a fail-closed pod blocked without serving it: its links stay pinned, its
+    /// kernel entry stays (blocking, without exclusions or addresses: the kernel drops
+    /// connections to addresses it does not know in an enrolled namespace).
+    fn park(&mut self, mut s: Served, note: String) {
+        let name = s.spec.name.clone();
+        s.addr_task.abort();
+        s.pod.life.stop_accepting.cancel();
+        s.pod.life.abort.cancel();
+        let mut blocked_cfg = s.entry.config;
+        blocked_cfg.flags |= POD_FLAG_BLOCK;
+        self.kernel.pods.remove_exclusions(&s.entry);
+        if let Err(e) = self
+            .kernel
+            .pods
+            .set_config(s.entry.netns_cookie, blocked_cfg)
+        {
+            error!(pod = %name, error = %e, "cannot switch the pod to blocking");
+        }
+        for ip in s.addrs.clone() {
+            self.unclaim(&name, ip);
+        }
+        let links = std::mem::replace(&mut s.links, PodLinks::none());
+        links.leave_pinned();
+        let record = Record::new(
+            s.pod.id,
+            s.source.origin(),
+            Status::Blocked,
+            s.netns_ident,
+            s.spec.request.clone(),
+        );
+        if let Err(e) = self.state.write(name.as_str(), &record) {
+            error!(pod = %name, error = %e, "cannot record the pod as blocked");
+        }
+        info!(pod = %name, "pod released (fail-closed): its TCP connections are refused until an agent adopts it or `agent uninstall` runs");
+        self.blocked.insert(
+            name.to_string(),
+            Blocked {
+                id: Some(s.pod.id),
+                netns: Some((s.spec.netns.clone(), s.netns_ident)),
+                cgroup: Some(s.spec.cgroup.clone()),
+                record: Some(record),
+                entry: Some(s.entry.clone()),
+                note,
+            },
+        );
+    }
+
+    /// Once a second: pods whose network namespace is gone (deleted without a release)
+    /// are released by the agent itself, and nothing of them is left behind.
+    pub(super) fn reap(&mut self) {
+        let gone: Vec<PodName> = self
+            .served
+            .iter()
+            .filter(|(_, s)| !s.pod.netns.still_at_path())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            let s = self.served.remove(&name).expect("listed above");
+            let populated = cgroup_populated(&s.spec.cgroup);
+            if s.spec.fail_mode == FailMode::Closed && populated {
+                warn!(pod = %name, netns = %s.spec.netns.display(), cgroup = %s.spec.cgroup.display(),
+                      "the pod's network namespace is gone but its cgroup still has processes: kept blocked");
+                self.park(
+                    s,
+                    "network namespace gone while its cgroup still has processes".into(),
+                );
+                continue;
+            }
+            info!(pod = %name, netns = %s.spec.netns.display(),
+                  "the pod's network namespace is gone: releasing it");
+            self.forget(s);
+        }
+        let vanished: Vec<String> = self
+            .blocked
+            .iter()
+            .filter(|(_, b)| {
+                b.netns
+                    .as_ref()
+                    .is_some_and(|(path, ident)| !same_netns(path, *ident))
+                    && b.cgroup.as_deref().is_none_or(|c| !cgroup_populated(c))
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in vanished {
+            let b = self.blocked.remove(&name).expect("listed above");
+            info!(pod = %name, "a blocked pod's network namespace is gone: removing its pins");
+            self.remove_blocked(&name, b);
+        }
+        self.publish();
+    }
+
+    /// Drops a blocked pod entirely: pins, kernel entry, record.
+    pub(super) fn remove_blocked(&mut self, name: &str, b: Blocked) {
+        if let Some(entry) = &b.entry {
+            self.kernel.pods.remove(entry);
+        }
+        if let Err(e) = crate::ebpf::uninstall(&self.settings.pin_root, Some(name)) {
+            error!(pod = %name, error = %e, "cannot remove the pod's pins");
+        }
+        self.state.remove(name);
+    }
+
+    /// Everything of a served pod goes at once (its namespace is gone: there is nothing
+    /// left to protect or drain).
+    fn forget(&mut self, mut s: Served) {
+        let name = s.spec.name.clone();
+        s.addr_task.abort();
+        s.pod.life.stop_accepting.cancel();
+        s.pod.life.abort.cancel();
+        let links = std::mem::replace(&mut s.links, PodLinks::none());
+        links.detach();
+        self.kernel.pods.remove(&s.entry);
+        for ip in s.addrs.clone() {
+            self.unclaim(&name, ip);
+        }
+        self.state.remove(name.as_str());
+        for w in s.releasing.take().unwrap_or_default() {
+            let _ = w.send(Ok(
+                json!({"pod": name, "result": "released", "reason": "netns gone"}),
+            ));
+        }
+    }
+
+    fn record(&self, s: &Served, status: Status) {
+        let record = Record::new(
+            s.pod.id,
+            s.source.origin(),
+            status,
+            s.netns_ident,
+            s.spec.request.clone(),
+        );
+        if let Err(e) = self.state.write(s.spec.name.as_str(), &record) {
+            error!(pod = %s.spec.name, error = %e,
+                   "the pod is served but a restarted agent will not re-adopt it");
+        }
+    }
+
+    /// Replaces the admin view.
+    pub(super) fn publish(&self) {
+        let mut views = Vec::new();
+        for (name, s) in &self.served {
+            views.push(PodView {
+                name: name.to_string(),
+                pod_id: Some(s.pod.id),
+                netns: s.spec.netns.clone(),
+                netns_cookie: Some(s.entry.netns_cookie),
+                cgroup: s.spec.cgroup.clone(),
+                addresses: s.addrs.iter().copied().collect(),
+                fail_mode: s.spec.fail_mode,
+                mode: s.spec.mode,
+                state: if s.releasing.is_some() {
+                    "releasing"
+                } else {
+                    "enrolled"
+                },
+                source: s.source.label(),
+                programs: programs_of(&s.spec),
+                note: None,
+                pod: Some(s.pod.clone()),
+            });
+        }
+        for (name, b) in &self.blocked {
+            let request = b.record.as_ref().map(|r| &r.request);
+            views.push(PodView {
+                name: name.clone(),
+                pod_id: b.id,
+                netns: request.map(|r| r.netns.clone()).unwrap_or_default(),
+                netns_cookie: b.entry.as_ref().map(|e| e.netns_cookie),
+                cgroup: request.map(|r| r.cgroup.clone()).unwrap_or_default(),
+                addresses: Vec::new(),
+                fail_mode: FailMode::Closed,
+                mode: request.map(|r| r.mode).unwrap_or_default(),
+                state: "blocked",
+                source: "state",
+                programs: vec![
+                    "cgroup/connect4 (pinned)",
+                    "cgroup/connect6 (pinned)",
+                    "sk_lookup (pinned)",
+                ],
+                note: Some(b.note.clone()),
+                pod: None,
+            });
+        }
+        self.admin.pods.store(Arc::new(views));
+    }
+
+    /// A clean stop: new connections stop reaching the listeners (fail-open pods lose
+    /// their programs and go direct, fail-closed pods are switched to refusing), open
+    /// connections drain up to `deadline`, and fail-closed pods stay pinned. Records stay,
+    /// so the next agent re-adopts every pod.
+    pub(super) async fn shutdown(mut self, deadline: Duration) {
+        let names: Vec<PodName> = self.served.keys().cloned().collect();
+        for name in &names {
+            let s = &self.served[name];
+            info!(pod = %name, policy_reloads_ok = get(&s.pod.policy.reloads_ok),
+                  policy_reloads_failed = get(&s.pod.policy.reloads_failed),
+                  identity_reloads_ok = s.pod.tls.as_ref().map_or(0, |t| get(&t.store.reloads_ok)),
+                  identity_reloads_failed = s.pod.tls.as_ref().map_or(0, |t| get(&t.store.reloads_failed)),
+                  "reload counters");
+            if s.releasing.is_none() {
+                match s.spec.fail_mode {
+                    FailMode::Closed => self.block(name),
+                    FailMode::Open => self.detach(name),
+                }
+            }
+        }
+        let lives: Vec<Arc<Pod>> = self.served.values().map(|s| s.pod.clone()).collect();
+        let drains = lives.iter().map(|p| p.life.drain(deadline));
+        let results = futures_util::future::join_all(drains).await;
+        let (open, cut) = results
+            .iter()
+            .fold((0, 0), |(o, c), (po, pc)| (o + po, c + pc));
+        if cut > 0 {
+            warn!(
+                open = cut,
+                deadline_ms = deadline.as_millis() as u64,
+                "drain deadline passed: cut the remaining connections"
+            );
+        } else {
+            info!(drained = open, "all connections finished");
+        }
+        for (name, mut s) in std::mem::take(&mut self.served) {
+            s.addr_task.abort();
+            let links = std::mem::replace(&mut s.links, PodLinks::none());
+            match s.spec.fail_mode {
+                FailMode::Closed => {
+                    links.leave_pinned();
+                    info!(pod = %name, "pod released (fail-closed): its TCP connections are refused until an agent adopts it or `agent uninstall` runs");
+                }
+                FailMode::Open => {
+                    links.detach();
+                    info!(pod = %name, "pod released (fail-open): nothing left attached");
+                }
+            }
+            let status = if s.releasing.is_some() {
+                // Stopped in the middle of a release: what the release would have left.
+                match s.spec.fail_mode {
+                    FailMode::Closed => Some(Status::Blocked),
+                    FailMode::Open => None,
+                }
+            } else {
+                Some(Status::Enrolled)
+            };
+            match status {
+                Some(st) => self.record(&s, st),
+                None => self.state.remove(name.as_str()),
+            }
+            for w in s.releasing.take().unwrap_or_default() {
+                let _ = w.send(Err(ControlError::Failed(
+                    "the agent stopped while the pod drained".into(),
+                )));
+            }
+        }
+    }
+}
+
+fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The kernel's view of a pod, derived from its spec.
+fn kernel_entry(spec: &PodSpec, id: PodId, cookie: u64, outbound_port: u16) -> PodEntry {
+    let mut flags = 0;
+    if spec.fail_mode == FailMode::Open {
+        flags |= POD_FLAG_FAIL_OPEN;
+    }
+    if spec.accelerate {
+        flags |= POD_FLAG_ACCELERATE;
+    }
+    PodEntry {
+        netns_cookie: cookie,
+        config: KernelPod {
+            pod_id: id.0,
+            flags,
+            outbound_port,
+            _pad: [0; 6],
+        },
+        outbound_excluded_ports: spec.exclude_ports.clone(),
+        outbound_excluded_cidrs: spec.exclude_cidrs.clone(),
+        inbound_excluded_ports: spec.exclude_inbound_ports.clone(),
+        probe_ports: spec.probe_ports.clone(),
+    }
+}
+
+/// What is attached for a pod, as `agent pods` shows it.
+fn programs_of(spec: &PodSpec) -> Vec<&'static str> {
+    let mut p = Vec::new();
+    if spec.redirect == Redirect::Ebpf {
+        p.extend(["cgroup/connect4", "cgroup/connect6", "sock_ops"]);
+    }
+    p.push("sk_lookup");
+    if spec.accelerate {
+        p.push("sk_msg (splice)");
+    }
+    p
+}
+
+/// Whether `path` still names the namespace with this (device, inode).
+pub(super) fn same_netns(path: &Path, ident: (u64, u64)) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == ident)
+}
+
+/// Whether the cgroup (or one below it) still has processes.
+fn cgroup_populated(cgroup: &Path) -> bool {
+    std::fs::read_to_string(cgroup.join("cgroup.events"))
+        .is_ok_and(|t| t.lines().any(|l| l.trim() == "populated 1"))
+}

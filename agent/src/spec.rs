@@ -1,0 +1,468 @@
+//! One validated pod spec, however a pod arrives: a `[[pod]]` table of the config file,
+//! `agent enroll`, the admin API, or the state a previous agent recorded. All of them are
+//! a [`PodRequest`], checked by [`PodRequest::validate`] with the same rules and the same
+//! messages (the field and the reason); the kernel entry, the proxy's view of the pod and
+//! the admin view are all derived from the resulting [`PodSpec`].
+//!
+//! Checks that look at the filesystem (is this a network namespace? a cgroup v2
+//! directory?) go through [`Probe`], so the validation itself is pure and unit-testable.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    identity::IdentityFiles,
+    types::{parse_cidr, FailMode, Mode, PodName, Redirect},
+};
+
+/// A pod as a user (or a runtime) asks for it to be enrolled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodRequest {
+    pub name: String,
+    /// The pod's network namespace: `/var/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub netns: PathBuf,
+    /// The pod's cgroup v2 directory.
+    pub cgroup: PathBuf,
+    #[serde(default)]
+    pub fail_mode: FailMode,
+    /// Destination ports the pod's applications reach directly (no proxy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_ports: Vec<u16>,
+    /// Destination CIDRs the pod's applications reach directly (no proxy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_cidrs: Vec<String>,
+    /// Inbound ports left to the application untouched (no proxy, no policy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Ports that health probes from the node's `probe_sources` reach directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_ports: Vec<u16>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// The pod's SVID: certificate chain, private key and trust bundle (PEM files)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<PathBuf>,
+    /// ...or a directory holding them in a known layout (see `IdentityFiles::in_dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_dir: Option<PathBuf>,
+    /// The pod's authorization policy (YAML); without one the node's default applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PathBuf>,
+    #[serde(default)]
+    pub redirect: Redirect,
+    /// Splice the application-to-agent loopback hop in the kernel (sock_ops + sk_msg).
+    /// Off by default: the bench did not show a win at every message size
+    /// (docs/performance.md).
+    #[serde(default)]
+    pub accelerate: bool,
+}
+
+/// What the node's configuration gives every pod that does not choose for itself.
+#[derive(Debug, Clone, Default)]
+pub struct PodDefaults {
+    /// The policy of pods that name none (without it they deny all inbound).
+    pub policy: Option<PathBuf>,
+    /// The SO_MARK of the agent's upstream sockets, which `redirect = "iptables"` needs.
+    pub upstream_mark: Option<u32>,
+}
+
+/// A validated pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodSpec {
+    pub name: PodName,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub fail_mode: FailMode,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<IpNet>,
+    pub exclude_inbound_ports: Vec<u16>,
+    pub probe_ports: Vec<u16>,
+    pub mode: Mode,
+    pub identity: Option<IdentityFiles>,
+    /// The pod's own policy, else the node's default policy, else none (deny all).
+    pub policy: Option<PathBuf>,
+    pub redirect: Redirect,
+    pub accelerate: bool,
+    /// The SO_MARK of upstream sockets (only for `redirect = "iptables"`).
+    pub upstream_mark: Option<u32>,
+    /// The request this was validated from, as a restarted agent re-reads it.
+    #[serde(skip)]
+    pub request: PodRequest,
+}
+
+/// A request the agent refuses: the field (as the config file names it) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct SpecError {
+    pub field: String,
+    pub reason: String,
+}
+
+/// The filesystem facts validation needs, behind a seam the tests replace.
+pub trait Probe {
+    /// `Ok` when `path` is a network namespace handle.
+    fn netns(&self, path: &Path) -> Result<(), String>;
+    /// `Ok` when `path` is a cgroup v2 directory other than the hierarchy's root.
+    fn cgroup(&self, path: &Path) -> Result<(), String>;
+    /// The identity files in `dir`.
+    fn identity_dir(&self, dir: &Path) -> Result<IdentityFiles, String>;
+}
+
+impl PodRequest {
+    /// Checks everything an operator can get wrong before anything touches the kernel.
+    /// `at` prefixes field names (`pod[0]` in the config file; empty for one request).
+    pub fn validate(
+        &self,
+        at: &str,
+        defaults: &PodDefaults,
+        probe: &dyn Probe,
+    ) -> Result<PodSpec, SpecError> {
+        let field = |f: &str| {
+            if at.is_empty() {
+                f.to_string()
+            } else {
+                format!("{at}.{f}")
+            }
+        };
+        let invalid = |f: &str, reason: String| SpecError {
+            field: field(f),
+            reason,
+        };
+        let name = PodName::parse(&self.name).map_err(|r| invalid("name", r))?;
+        probe.netns(&self.netns).map_err(|r| invalid("netns", r))?;
+        probe
+            .cgroup(&self.cgroup)
+            .map_err(|r| invalid("cgroup", r))?;
+        for (list, ports) in [
+            ("exclude_ports", &self.exclude_ports),
+            ("exclude_inbound_ports", &self.exclude_inbound_ports),
+            ("probe_ports", &self.probe_ports),
+        ] {
+            if let Some(j) = ports.iter().position(|p| *p == 0) {
+                return Err(invalid(
+                    &format!("{list}[{j}]"),
+                    "port 0 is not a port".into(),
+                ));
+            }
+        }
+        let identity = match (&self.identity_dir, &self.cert, &self.key, &self.bundle) {
+            (Some(dir), None, None, None) => Some(
+                probe
+                    .identity_dir(dir)
+                    .map_err(|r| invalid("identity_dir", r))?,
+            ),
+            (Some(_), ..) => {
+                return Err(invalid(
+                    "identity_dir",
+                    "give identity_dir or cert, key and bundle, not both".into(),
+                ))
+            }
+            (None, Some(cert), Some(key), Some(bundle)) => Some(IdentityFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                bundle: bundle.clone(),
+            }),
+            (None, None, None, None) => None,
+            _ => {
+                return Err(SpecError {
+                    field: if at.is_empty() {
+                        "cert".into()
+                    } else {
+                        at.into()
+                    },
+                    reason: "cert, key and bundle go together: give all three or none".into(),
+                })
+            }
+        };
+        if self.mode == Mode::Strict && identity.is_none() {
+            return Err(invalid(
+                "mode",
+                "strict needs an identity: set cert, key and bundle (or identity_dir)".into(),
+            ));
+        }
+        if self.accelerate && self.redirect == Redirect::Iptables {
+            return Err(invalid(
+                "accelerate",
+                "the splice needs redirect = \"ebpf\": behind an iptables REDIRECT the sockets do not see the agent's address".into(),
+            ));
+        }
+        if self.redirect == Redirect::Iptables && defaults.upstream_mark.is_none() {
+            return Err(invalid(
+                "redirect",
+                "iptables needs `upstream_mark` (the mark the pod's REDIRECT rule skips), or the agent's own upstream connections would loop back to it".into(),
+            ));
+        }
+        let mut exclude_cidrs = Vec::new();
+        for (j, text) in self.exclude_cidrs.iter().enumerate() {
+            exclude_cidrs
+                .push(parse_cidr(text).map_err(|r| invalid(&format!("exclude_cidrs[{j}]"), r))?);
+        }
+        let sorted = |v: &[u16]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        Ok(PodSpec {
+            name,
+            netns: self.netns.clone(),
+            cgroup: self.cgroup.clone(),
+            fail_mode: self.fail_mode,
+            exclude_ports: sorted(&self.exclude_ports),
+            exclude_cidrs,
+            exclude_inbound_ports: sorted(&self.exclude_inbound_ports),
+            probe_ports: sorted(&self.probe_ports),
+            mode: self.mode,
+            identity,
+            policy: self.policy.clone().or_else(|| defaults.policy.clone()),
+            redirect: self.redirect,
+            accelerate: self.accelerate,
+            upstream_mark: (self.redirect == Redirect::Iptables)
+                .then_some(defaults.upstream_mark)
+                .flatten(),
+            request: self.clone(),
+        })
+    }
+}
+
+impl PodSpec {
+    /// The fields in which `other` differs from this spec, as `field: this → other`.
+    pub fn diff(&self, other: &PodSpec) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cmp = |field: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{field}: {a} → {b}"));
+            }
+        };
+        let path = |p: &Path| p.display().to_string();
+        let opt = |p: &Option<PathBuf>| p.as_deref().map_or("(none)".into(), path);
+        cmp("netns", path(&self.netns), path(&other.netns));
+        cmp("cgroup", path(&self.cgroup), path(&other.cgroup));
+        cmp("fail_mode", dbg(&self.fail_mode), dbg(&other.fail_mode));
+        cmp(
+            "exclude_ports",
+            dbg(&self.exclude_ports),
+            dbg(&other.exclude_ports),
+        );
+        cmp(
+            "exclude_cidrs",
+            cidrs(&self.exclude_cidrs),
+            cidrs(&other.exclude_cidrs),
+        );
+        cmp(
+            "exclude_inbound_ports",
+            dbg(&self.exclude_inbound_ports),
+            dbg(&other.exclude_inbound_ports),
+        );
+        cmp(
+            "probe_ports",
+            dbg(&self.probe_ports),
+            dbg(&other.probe_ports),
+        );
+        cmp("mode", dbg(&self.mode), dbg(&other.mode));
+        let id = |i: &Option<IdentityFiles>| {
+            i.as_ref().map_or("(none)".into(), |f| {
+                format!("{}, {}, {}", path(&f.cert), path(&f.key), path(&f.bundle))
+            })
+        };
+        cmp("identity", id(&self.identity), id(&other.identity));
+        cmp("policy", opt(&self.policy), opt(&other.policy));
+        cmp("redirect", dbg(&self.redirect), dbg(&other.redirect));
+        cmp(
+            "accelerate",
+            self.accelerate.to_string(),
+            other.accelerate.to_string(),
+        );
+        out
+    }
+}
+
+fn dbg(v: &impl fmt::Debug) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
+fn cidrs(v: &[IpNet]) -> String {
+    let v: Vec<String> = v.iter().map(ToString::to_string).collect();
+    format!("{v:?}")
+}
+
+/// The real filesystem.
+pub struct System;
+
+impl Probe for System {
+    fn netns(&self, path: &Path) -> Result<(), String> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("{} cannot be opened: {e}", path.display()))?;
+        // A network namespace handle is a file on nsfs (bind-mounted or /proc/PID/ns/net).
+        let st = nix::sys::statfs::statfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if st.filesystem_type() != nix::sys::statfs::NSFS_MAGIC || meta.is_dir() {
+            return Err(format!(
+                "{} is not a network namespace (expected e.g. /var/run/netns/NAME or /proc/PID/ns/net)",
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+
+    fn cgroup(&self, path: &Path) -> Result<(), String> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("{} cannot be opened: {e}", path.display()))?;
+        let st = nix::sys::statfs::statfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_dir() || st.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+            return Err(format!(
+                "{} is not a cgroup v2 directory (the cgroup2 mount is listed in /proc/self/mountinfo)",
+                path.display()
+            ));
+        }
+        // The root of the hierarchy holds every process on the node: enrolling it would
+        // intercept (and, for unknown namespaces, refuse) the whole node's connections.
+        if crate::cgroup::cgroup2_mount()
+            .is_ok_and(|root| std::fs::canonicalize(path).ok() == std::fs::canonicalize(root).ok())
+        {
+            return Err(format!(
+                "{} is the root of the cgroup hierarchy: that would enroll every process on the node; give the pod's own cgroup",
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+
+    fn identity_dir(&self, dir: &Path) -> Result<IdentityFiles, String> {
+        IdentityFiles::in_dir(dir)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Every path exists and is what it claims to be, except those named `/missing...`.
+    pub(crate) struct Fake;
+
+    impl Probe for Fake {
+        fn netns(&self, path: &Path) -> Result<(), String> {
+            ok_unless_missing(path)
+        }
+        fn cgroup(&self, path: &Path) -> Result<(), String> {
+            ok_unless_missing(path)
+        }
+        fn identity_dir(&self, dir: &Path) -> Result<IdentityFiles, String> {
+            ok_unless_missing(dir)?;
+            Ok(IdentityFiles {
+                cert: dir.join("cert.pem"),
+                key: dir.join("key.pem"),
+                bundle: dir.join("bundle.pem"),
+            })
+        }
+    }
+
+    fn ok_unless_missing(p: &Path) -> Result<(), String> {
+        if p.starts_with("/missing") {
+            Err(format!(
+                "{} cannot be opened: No such file or directory",
+                p.display()
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn request(name: &str) -> PodRequest {
+        PodRequest {
+            name: name.into(),
+            netns: format!("/var/run/netns/{name}").into(),
+            cgroup: format!("/sys/fs/cgroup/pods/{name}").into(),
+            ..Default::default()
+        }
+    }
+
+    fn check(r: &PodRequest) -> Result<PodSpec, SpecError> {
+        r.validate("", &PodDefaults::default(), &Fake)
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut r = request("a");
+        r.netns = "/missing/ns".into();
+        assert_eq!(check(&r).unwrap_err().field, "netns");
+        let mut r = request("a");
+        r.exclude_ports = vec![80, 0];
+        assert_eq!(check(&r).unwrap_err().field, "exclude_ports[1]");
+        let mut r = request("a");
+        r.mode = Mode::Strict;
+        let e = check(&r).unwrap_err();
+        assert_eq!(e.field, "mode");
+        assert!(e.reason.contains("identity"), "{e}");
+        let mut r = request("a");
+        r.cert = Some("/c".into());
+        assert!(check(&r).unwrap_err().reason.contains("go together"));
+        let mut r = request("a");
+        r.name = "../x".into();
+        let e = r
+            .validate("pod[3]", &PodDefaults::default(), &Fake)
+            .unwrap_err();
+        assert_eq!(e.field, "pod[3].name");
+    }
+
+    #[test]
+    fn identity_dir_or_files() {
+        let mut r = request("a");
+        r.identity_dir = Some("/ids/a".into());
+        r.mode = Mode::Strict;
+        let spec = check(&r).unwrap();
+        assert_eq!(spec.identity.unwrap().key, PathBuf::from("/ids/a/key.pem"));
+        r.cert = Some("/c".into());
+        assert!(check(&r).unwrap_err().reason.contains("not both"));
+    }
+
+    #[test]
+    fn the_same_pod_asked_two_ways_is_the_same_spec() {
+        let mut by_dir = request("a");
+        by_dir.identity_dir = Some("/ids/a".into());
+        let mut by_files = request("a");
+        by_files.cert = Some("/ids/a/cert.pem".into());
+        by_files.key = Some("/ids/a/key.pem".into());
+        by_files.bundle = Some("/ids/a/bundle.pem".into());
+        by_files.exclude_ports = vec![22, 22];
+        by_dir.exclude_ports = vec![22];
+        let (a, b) = (check(&by_dir).unwrap(), check(&by_files).unwrap());
+        assert!(a.diff(&b).is_empty(), "{:?}", a.diff(&b));
+        let mut other = by_dir.clone();
+        other.fail_mode = FailMode::Open;
+        other.netns = "/var/run/netns/b".into();
+        let d = a.diff(&check(&other).unwrap());
+        assert_eq!(
+            d,
+            vec![
+                "netns: /var/run/netns/a → /var/run/netns/b".to_string(),
+                "fail_mode: closed → open".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn the_default_policy_applies_to_pods_without_one() {
+        let defaults = PodDefaults {
+            policy: Some("/etc/agent/default.yaml".into()),
+            upstream_mark: None,
+        };
+        let spec = request("a").validate("", &defaults, &Fake).unwrap();
+        assert_eq!(spec.policy, defaults.policy);
+        let mut r = request("a");
+        r.redirect = Redirect::Iptables;
+        assert_eq!(
+            r.validate("", &defaults, &Fake).unwrap_err().field,
+            "redirect"
+        );
+    }
+}
