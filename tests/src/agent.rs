@@ -41,12 +41,24 @@ const DEFAULT_LOG_LEVEL: &str = "info,agent_ebpf=debug";
 /// that does not choose (it is off by default).
 pub const ACCELERATE_ALL: &str = "SIMNODE_ACCELERATE";
 
-/// The agent's TOML config for a node, built up pod by pod.
+/// The agent's TOML config for a node, built up pod by pod as typed TOML values (lines a
+/// test gives are parsed and merged: a later key replaces an earlier one).
 pub struct AgentConfig {
-    head: String,
-    pods: String,
+    top: toml::Table,
+    pods: Vec<toml::Table>,
     log_level: String,
     admin: PathBuf,
+}
+
+/// `key = value` lines as a table; a test's own lines, so a bad one is the test's bug.
+fn parse_lines(lines: &str) -> toml::Table {
+    lines
+        .parse()
+        .unwrap_or_else(|e| panic!("not TOML lines {lines:?}: {e}"))
+}
+
+fn path_value(p: &std::path::Path) -> toml::Value {
+    toml::Value::String(p.display().to_string())
 }
 
 impl AgentConfig {
@@ -63,7 +75,7 @@ impl AgentConfig {
     }
 
     /// A config for a second agent on the same node (as if on another node): its own pin
-    /// root and admin socket, named `name`.
+    /// root, admin socket and state directory, named `name`.
     pub fn another(node: &Node, name: &str) -> Self {
         let pin_root = node.pin_root().join(name);
         let admin = node.tmp().join(format!("admin-{name}.sock"));
@@ -79,15 +91,16 @@ impl AgentConfig {
     ) -> Self {
         let allow_all = node.tmp().join("allow-all.yaml");
         std::fs::write(&allow_all, "default: all\n").expect("write the allow-all policy");
+        let mut top = toml::Table::new();
+        top.insert("pin_root".into(), path_value(pin_root));
+        top.insert("drain_timeout_ms".into(), 3000.into());
+        top.insert("connect_timeout_ms".into(), 3000.into());
+        top.insert("default_policy".into(), path_value(&allow_all));
+        top.insert("admin_socket".into(), path_value(admin));
+        top.insert("state_dir".into(), path_value(state));
         AgentConfig {
-            head: format!(
-                "pin_root = \"{}\"\ndrain_timeout_ms = 3000\nconnect_timeout_ms = 3000\ndefault_policy = \"{}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n",
-                pin_root.display(),
-                allow_all.display(),
-                admin.display(),
-                state.display()
-            ),
-            pods: String::new(),
+            top,
+            pods: Vec::new(),
             log_level: DEFAULT_LOG_LEVEL.into(),
             admin: admin.to_path_buf(),
         }
@@ -102,13 +115,18 @@ impl AgentConfig {
 
     /// Makes every simulated pod address part of the mesh (`mesh_networks`).
     pub fn mesh(self) -> Self {
-        self.set(&format!("mesh_networks = [\"{MESH_V4}\", \"{MESH_V6}\"]"))
+        self.value("mesh_networks", vec![MESH_V4, MESH_V6])
     }
 
-    /// Adds a top-level `key = value` line.
-    pub fn set(mut self, line: &str) -> Self {
-        self.head.push_str(line);
-        self.head.push('\n');
+    /// Sets one top-level key.
+    pub fn value(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.top.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the top-level keys of `key = value` lines.
+    pub fn set(mut self, lines: &str) -> Self {
+        self.top.extend(parse_lines(lines));
         self
     }
 
@@ -117,32 +135,42 @@ impl AgentConfig {
     }
 
     pub fn pod_with(self, pod: &Pod, fail_mode: &str, ports: &[u16], cidrs: &[&str]) -> Self {
-        let extra = format!("exclude_ports = {ports:?}\nexclude_cidrs = {cidrs:?}");
-        self.pod_extra(pod, fail_mode, &extra)
+        let mut t = toml::Table::new();
+        let ports: Vec<i64> = ports.iter().map(|p| i64::from(*p)).collect();
+        t.insert("exclude_ports".into(), ports.into());
+        t.insert("exclude_cidrs".into(), cidrs.to_vec().into());
+        self.pod_table(pod, fail_mode, t)
     }
 
-    /// Adds a pod with extra `key = value` lines in its table. Under [`ACCELERATE_ALL`],
-    /// every pod that chooses neither `accelerate` nor `redirect` gets `accelerate = true`.
-    pub fn pod_extra(mut self, pod: &Pod, fail_mode: &str, extra: &str) -> Self {
-        let accelerate = std::env::var_os(ACCELERATE_ALL).is_some()
-            && !extra.contains("accelerate")
-            && !extra.contains("redirect");
-        let extra = if accelerate {
-            format!("{extra}\naccelerate = true")
-        } else {
-            extra.to_string()
-        };
-        self.pods.push_str(&format!(
-            "\n[[pod]]\nname = \"{}\"\nnetns = \"{}\"\ncgroup = \"{}\"\nfail_mode = \"{fail_mode}\"\n{extra}\n",
-            pod.name,
-            pod.netns_path.display(),
-            pod.cgroup.display(),
-        ));
+    /// Adds a pod with extra `key = value` lines in its table.
+    pub fn pod_extra(self, pod: &Pod, fail_mode: &str, extra: &str) -> Self {
+        self.pod_table(pod, fail_mode, parse_lines(extra))
+    }
+
+    /// Adds a pod with these extra keys. Under [`ACCELERATE_ALL`], every pod that chooses
+    /// neither `accelerate` nor `redirect` gets `accelerate = true`.
+    pub fn pod_table(mut self, pod: &Pod, fail_mode: &str, extra: toml::Table) -> Self {
+        let mut t = toml::Table::new();
+        t.insert("name".into(), pod.name.clone().into());
+        t.insert("netns".into(), path_value(&pod.netns_path));
+        t.insert("cgroup".into(), path_value(&pod.cgroup));
+        t.insert("fail_mode".into(), fail_mode.into());
+        let chooses = extra.contains_key("accelerate") || extra.contains_key("redirect");
+        t.extend(extra);
+        if std::env::var_os(ACCELERATE_ALL).is_some() && !chooses {
+            t.insert("accelerate".into(), true.into());
+        }
+        self.pods.push(t);
         self
     }
 
     pub fn text(&self) -> String {
-        format!("{}{}", self.head, self.pods)
+        let mut doc = self.top.clone();
+        if !self.pods.is_empty() {
+            let pods = self.pods.iter().cloned().map(toml::Value::Table).collect();
+            doc.insert("pod".into(), toml::Value::Array(pods));
+        }
+        toml::to_string(&doc).expect("a TOML table serializes")
     }
 }
 

@@ -77,6 +77,23 @@ fn pods_enrolled_at_runtime_speak_mtls_and_are_explained_like_configured_ones() 
             );
         }
     }
+    // `agent conns` lists a runtime pod's live connection like any other.
+    let held = a.client_spawn(at(b, false, 8080), &["--hold-ms", "1500"]);
+    let deadline = Instant::now() + WAIT;
+    let live = loop {
+        let conns = agent.cli(&["conns", "--pod", "a", "-o", "json"]).json();
+        if let Some(c) = conns.as_array().and_then(|c| c.first()).cloned() {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no live connection of pod a listed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(live["direction"], "outbound", "{live}");
+    assert_eq!(live["dst"], at(b, false, 8080).to_string(), "{live}");
+    assert!(only(&simnode::client_result(held).results).ok());
     let metrics = agent.cli(&["metrics"]);
     assert!(
         metrics
@@ -95,11 +112,11 @@ fn pods_enrolled_at_runtime_speak_mtls_and_are_explained_like_configured_ones() 
 
 #[test]
 fn releasing_one_pod_leaves_the_others_alone_and_honours_its_fail_mode() {
-    let Some(node) = node("runtime_release", &["a", "b", "open", "closed"]) else {
+    let Some(node) = node("runtime_release", &["a", "b", "open", "closed", "late"]) else {
         return;
     };
     let (a, b) = (node.pod("a"), node.pod("b"));
-    let (open, closed) = (node.pod("open"), node.pod("closed"));
+    let (open, closed, late) = (node.pod("open"), node.pod("closed"), node.pod("late"));
     let _srv = b.serve(&[8080]);
     let mut agent = empty_agent(&node);
     agent.enroll_ok(&Enrol::pod(a).fail_mode("open"));
@@ -129,6 +146,12 @@ fn releasing_one_pod_leaves_the_others_alone_and_honours_its_fail_mode() {
         ],
     );
     std::thread::sleep(Duration::from_millis(300));
+    // Enrolling a pod in the middle of the loop does not touch it either.
+    agent.enroll_ok(&Enrol::pod(late).fail_mode("open"));
+    assert!(redirected(only(&late.client(to, &[]).results)));
+    // A release drains the pod's open connection before it honours the fail mode.
+    let draining = open.client_spawn(to, &["--hold-ms", "800"]);
+    std::thread::sleep(Duration::from_millis(200));
     for name in ["open", "closed"] {
         let out = agent.cli(&["release", name]);
         assert_eq!(out.code, Some(0), "release {name}: {out:?}");
@@ -136,7 +159,18 @@ fn releasing_one_pod_leaves_the_others_alone_and_honours_its_fail_mode() {
             out.stdout.contains(&format!("pod {name} released")),
             "{out:?}"
         );
+        if name == "open" {
+            assert!(
+                out.stdout.contains("1 connections drained, 0 cut"),
+                "{out:?}"
+            );
+        }
     }
+    let drained = simnode::client_result(draining);
+    assert!(
+        only(&drained.results).ok(),
+        "the connection open during the release failed"
+    );
     assert!(
         load.try_wait().expect("poll the loop").is_none(),
         "the loop ended before the releases: it proves nothing"

@@ -92,6 +92,16 @@ fn an_address_added_after_enrolment_is_steered_like_the_others() {
             pods_addresses(&node, "b").contains(&addr.to_string()),
             "`agent pods` does not list {addr}"
         );
+        // And once it is removed, it is no longer the pod's.
+        b.ip_in(&["addr", "del", cidr.as_str(), "dev", "eth0"]);
+        let deadline = std::time::Instant::now() + WAIT;
+        while pods_addresses(&node, "b").contains(&addr.to_string()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "`agent pods` still lists {addr}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
     assert!(agent.stop().success());
     uninstall(&node);
