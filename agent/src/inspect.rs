@@ -96,7 +96,11 @@ fn render(view: &View, v: &Value) -> String {
         View::Status => {
             let pods = client::table(
                 v["pods"].as_array().map(Vec::as_slice).unwrap_or(&[]),
-                &[("name", "POD"), ("programs", "PROGRAMS")],
+                &[
+                    ("name", "POD"),
+                    ("state", "STATE"),
+                    ("programs", "PROGRAMS"),
+                ],
             );
             format!(
                 "agent {}  up {}s  ready {}  kernel {}  active connections {}\n\n{pods}",
@@ -117,6 +121,7 @@ fn render(view: &View, v: &Value) -> String {
                 ("fail_mode", "FAIL"),
                 ("identity", "IDENTITY"),
                 ("policy", "POLICY"),
+                ("note", "NOTE"),
             ],
         ),
         View::Conns(_) => client::table(
