@@ -20,10 +20,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     identity::SpiffeId,
+    k8s::{NodeMode, Template},
     spec::{PodDefaults, PodRequest, PodSpec, Probe},
     types::{
-        parse_cidr, LogFormat, DEFAULT_ADMIN_SOCKET, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT,
-        DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR,
+        parse_cidr, FailMode, LogFormat, Mode, DEFAULT_ADMIN_SOCKET, DEFAULT_INBOUND_PORT,
+        DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR,
     },
 };
 
@@ -99,6 +100,30 @@ pub struct FileConfig {
     /// The SO_MARK the agent puts on its upstream sockets of `redirect = "iptables"` pods;
     /// the pod's REDIRECT rule must skip it (`-m mark ! --mark N`).
     pub upstream_mark: Option<u32>,
+    /// Node mode: pods a container runtime hands over through the CNI plugin.
+    pub node: Option<NodeFile>,
+}
+
+/// The `[node]` table: which pods the CNI plugin's requests enrol, and with what.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// The kubelet's cgroup root (default: the cgroup2 mount).
+    pub cgroup_root: Option<PathBuf>,
+    #[serde(default)]
+    pub include_namespaces: Vec<String>,
+    #[serde(default)]
+    pub exclude_namespaces: Vec<String>,
+    /// Each pod's SVID directory, with `{namespace}`, `{pod}`, `{uid}`.
+    pub identity_dir: Option<String>,
+    /// Each namespace's policy file, with the same placeholders.
+    pub policy: Option<String>,
+    #[serde(default)]
+    pub strict_namespaces: Vec<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub fail_mode: FailMode,
 }
 
 /// One `[[workload]]` table: an address and the SPIFFE ID it must present.
@@ -198,6 +223,8 @@ pub struct Config {
     pub workloads: Vec<(IpAddr, SpiffeId)>,
     pub admin_socket: PathBuf,
     pub admin_tcp: Option<std::net::SocketAddr>,
+    /// Node mode (the `[node]` table), when pods come from the CNI plugin.
+    pub node: Option<NodeMode>,
 }
 
 mod millis {
@@ -384,7 +411,12 @@ impl Config {
                 Some(addr)
             }
         };
+        let node = match file.node {
+            None => None,
+            Some(n) => Some(node_mode(n, probe)?),
+        };
         Ok(Config {
+            node,
             admin_tcp,
             mesh_networks,
             workloads,
@@ -407,6 +439,30 @@ impl Config {
             pod_defaults,
         })
     }
+}
+
+fn node_mode(n: NodeFile, probe: &dyn Probe) -> Result<NodeMode, ConfigError> {
+    let cgroup_root = match n.cgroup_root {
+        Some(p) if p.is_absolute() => p,
+        Some(_) => return Err(invalid("node.cgroup_root", "must be an absolute path")),
+        None => probe
+            .cgroup2_root()
+            .map_err(|r| invalid("node.cgroup_root", r))?,
+    };
+    let template = |field: &str, t: Option<String>| {
+        t.map(|t| Template::parse(&t).map_err(|r| invalid(format!("node.{field}"), r)))
+            .transpose()
+    };
+    Ok(NodeMode {
+        cgroup_root,
+        include_namespaces: n.include_namespaces,
+        exclude_namespaces: n.exclude_namespaces,
+        identity_dir: template("identity_dir", n.identity_dir)?,
+        policy: template("policy", n.policy)?,
+        strict_namespaces: n.strict_namespaces,
+        mode: n.mode,
+        fail_mode: n.fail_mode,
+    })
 }
 
 #[cfg(test)]
@@ -478,6 +534,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.starts_with("pod[1].netns:"), "{err}");
+    }
+
+    #[test]
+    fn node_mode_templates_are_checked() {
+        let cfg = build("[node]\nidentity_dir = '/var/lib/kubelet/pods/{uid}/spiffe'\n").unwrap();
+        let node = cfg.node.unwrap();
+        assert_eq!(node.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
+        let err = build("[node]\npolicy = '/etc/agent/{ns}.yaml'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("node.policy:"), "{err}");
+        assert!(err.contains("unknown placeholder {ns}"), "{err}");
     }
 
     #[test]

@@ -178,6 +178,7 @@ impl EnrollArgs {
             policy: opt(&self.policy),
             redirect: self.redirect,
             accelerate: self.accelerate,
+            kubernetes: None,
         }
     }
 }

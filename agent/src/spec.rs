@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     identity::IdentityFiles,
+    k8s::K8sPod,
     types::{parse_cidr, FailMode, Mode, PodName, Redirect},
 };
 
@@ -65,6 +66,9 @@ pub struct PodRequest {
     /// (docs/performance.md).
     #[serde(default)]
     pub accelerate: bool,
+    /// The Kubernetes pod behind it, when a container runtime's CNI plugin asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<K8sPod>,
 }
 
 /// What the node's configuration gives every pod that does not choose for itself.
@@ -95,6 +99,7 @@ pub struct PodSpec {
     pub accelerate: bool,
     /// The SO_MARK of upstream sockets (only for `redirect = "iptables"`).
     pub upstream_mark: Option<u32>,
+    pub kubernetes: Option<K8sPod>,
     /// The request this was validated from, as a restarted agent re-reads it.
     #[serde(skip)]
     pub request: PodRequest,
@@ -116,6 +121,8 @@ pub trait Probe {
     fn cgroup(&self, path: &Path) -> Result<(), String>;
     /// The identity files in `dir`.
     fn identity_dir(&self, dir: &Path) -> Result<IdentityFiles, String>;
+    /// Where the cgroup v2 hierarchy is mounted.
+    fn cgroup2_root(&self) -> Result<PathBuf, String>;
 }
 
 impl PodRequest {
@@ -139,6 +146,9 @@ impl PodRequest {
             reason,
         };
         let name = PodName::parse(&self.name).map_err(|r| invalid("name", r))?;
+        if let Some(k) = &self.kubernetes {
+            k.validate().map_err(|r| invalid("kubernetes", r))?;
+        }
         probe.netns(&self.netns).map_err(|r| invalid("netns", r))?;
         probe
             .cgroup(&self.cgroup)
@@ -230,6 +240,7 @@ impl PodRequest {
             upstream_mark: (self.redirect == Redirect::Iptables)
                 .then_some(defaults.upstream_mark)
                 .flatten(),
+            kubernetes: self.kubernetes.clone(),
             request: self.clone(),
         })
     }
@@ -283,6 +294,12 @@ impl PodSpec {
             self.accelerate.to_string(),
             other.accelerate.to_string(),
         );
+        let k8s = |k: &Option<K8sPod>| {
+            k.as_ref().map_or("(none)".into(), |k| {
+                format!("{k}, sandbox {}", k.container_id)
+            })
+        };
+        cmp("kubernetes", k8s(&self.kubernetes), k8s(&other.kubernetes));
         out
     }
 }
@@ -340,6 +357,10 @@ impl Probe for System {
     fn identity_dir(&self, dir: &Path) -> Result<IdentityFiles, String> {
         IdentityFiles::in_dir(dir)
     }
+
+    fn cgroup2_root(&self) -> Result<PathBuf, String> {
+        crate::cgroup::cgroup2_mount().map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -363,6 +384,9 @@ pub(crate) mod tests {
                 key: dir.join("key.pem"),
                 bundle: dir.join("bundle.pem"),
             })
+        }
+        fn cgroup2_root(&self) -> Result<PathBuf, String> {
+            Ok("/sys/fs/cgroup".into())
         }
     }
 

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod app;
 pub mod capture;
+pub mod cni;
 pub mod http_app;
 mod node;
 pub mod pki;

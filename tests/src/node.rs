@@ -35,11 +35,42 @@ pub struct Pod {
     pub cgroup: PathBuf,
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
+    /// A Kubernetes-style UID, unique to this run.
+    pub uid: String,
+}
+
+/// Where a pod's cgroup is made.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// `<node cgroup>/pod-NAME`.
+    Plain,
+    /// As the kubelet's cgroupfs driver lays it out under its cgroup root, for the QoS
+    /// class given (`guaranteed`, `burstable`, `besteffort`).
+    Kubelet(&'static str),
 }
 
 impl Node {
     /// Builds a node with the named pods (addresses .2, .3, ... in the order given).
     pub fn new(pods: &[&str]) -> Node {
+        let plain: Vec<(&str, Layout)> = pods.iter().map(|p| (*p, Layout::Plain)).collect();
+        Self::build(&plain)
+    }
+
+    /// A node whose pods' cgroups are where the kubelet's cgroupfs driver puts them, below
+    /// [`Node::kubelet_cgroup_root`], by QoS class (`guaranteed`, `burstable`,
+    /// `besteffort`).
+    pub fn kubelet(pods: &[(&str, &'static str)]) -> Node {
+        let laid: Vec<(&str, Layout)> =
+            pods.iter().map(|(p, q)| (*p, Layout::Kubelet(q))).collect();
+        Self::build(&laid)
+    }
+
+    /// The kubelet's cgroup root of a [`Node::kubelet`] node.
+    pub fn kubelet_cgroup_root(&self) -> PathBuf {
+        self.cgroup.join("kubelet")
+    }
+
+    fn build(pods: &[(&str, Layout)]) -> Node {
         let id = run_id();
         let subnet = free_subnet(&id);
         let bridge = format!("snb{id}");
@@ -83,8 +114,8 @@ impl Node {
             ],
         );
         run("ip", &["link", "set", &node.bridge, "up"]);
-        for (i, name) in pods.iter().enumerate() {
-            node.add_pod(name, i as u8 + 2);
+        for (i, (name, layout)) in pods.iter().enumerate() {
+            node.add_pod(name, i as u8 + 2, *layout);
         }
         node
     }
@@ -125,14 +156,30 @@ impl Node {
             .unwrap_or_else(|| panic!("no pod {name} on this node"))
     }
 
-    fn add_pod(&mut self, name: &str, host: u8) {
+    fn add_pod(&mut self, name: &str, host: u8, layout: Layout) {
+        let uid = format!(
+            "{:08x}-{}-4{:03x}-8000-{:012x}",
+            u32::from_str_radix(&self.id, 16).unwrap_or(0),
+            "0000",
+            host,
+            u64::from(host)
+        );
         let netns = format!("sn{}-{name}", self.id);
         let veth = format!("sv{}{host}", self.id);
         let pod = Pod {
             name: name.to_string(),
             netns_path: PathBuf::from(format!("/var/run/netns/{netns}")),
             netns: netns.clone(),
-            cgroup: self.cgroup.join(format!("pod-{name}")),
+            cgroup: match layout {
+                Layout::Plain => self.cgroup.join(format!("pod-{name}")),
+                Layout::Kubelet("guaranteed") => self
+                    .kubelet_cgroup_root()
+                    .join(format!("kubepods/pod{uid}")),
+                Layout::Kubelet(qos) => self
+                    .kubelet_cgroup_root()
+                    .join(format!("kubepods/{qos}/pod{uid}")),
+            },
+            uid,
             ip4: Ipv4Addr::new(10, 213, self.subnet, host),
             ip6: Ipv6Addr::new(
                 0xfd00,
@@ -146,7 +193,7 @@ impl Node {
             ),
         };
         run("ip", &["netns", "add", &netns]);
-        std::fs::create_dir(&pod.cgroup)
+        std::fs::create_dir_all(&pod.cgroup)
             .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", pod.cgroup.display()));
         let (ip4, ip6) = (format!("{}/24", pod.ip4), format!("{}/64", pod.ip6));
         self.pods.push(pod);

@@ -64,6 +64,9 @@ pub struct PodView {
     /// Where the pod came from: `config`, `api`, or `state` (re-adopted after a restart).
     pub source: &'static str,
     pub programs: Vec<&'static str>,
+    /// The Kubernetes pod (namespace, name, UID, sandbox), when a runtime enrolled it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::k8s::K8sPod>,
     /// Why the pod is in this state, when that needs saying.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -111,6 +114,11 @@ pub enum Control {
     },
     Release {
         name: String,
+        reply: oneshot::Sender<ControlReply>,
+    },
+    /// A container runtime's CNI plugin: ADD, DEL or CHECK of a Kubernetes pod.
+    Cni {
+        request: Box<crate::cni::CniRequest>,
         reply: oneshot::Sender<ControlReply>,
     },
 }
@@ -288,6 +296,20 @@ impl Admin {
                     .control(|reply| Control::Enroll { request, reply })
                     .await;
                 control_reply(result)
+            }
+            (Method::POST, "/cni") => {
+                let body = body_text(req).await;
+                let request: crate::cni::CniRequest = match serde_json::from_str(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return reply(
+                            StatusCode::BAD_REQUEST,
+                            &json!({"error": format!("not a CNI request: {e}")}),
+                        )
+                    }
+                };
+                let request = Box::new(request);
+                control_reply(self.control(|reply| Control::Cni { request, reply }).await)
             }
             (Method::DELETE, p) if p.starts_with("/pods/") => {
                 let name = p["/pods/".len()..].to_string();

@@ -60,7 +60,7 @@ impl PodLinks {
         pin: bool,
         redirect: bool,
     ) -> Result<(Self, usize), EbpfError> {
-        let dir = pin_root.join(pod.as_str());
+        let dir = pin_dir(pin_root, pod.as_str());
         let old = take_pins(&dir)?;
         let mut blocking = Vec::new();
         let result = attach_all(
@@ -251,7 +251,7 @@ pub fn uninstall(pin_root: &Path, pod: Option<&str>) -> Result<Vec<String>, Ebpf
     };
     for entry in entries {
         let entry = entry.map_err(io_err(pin_root))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = pod_of_pin_dir(&entry.file_name().to_string_lossy());
         if name == crate::types::PIN_MAPS_DIR {
             if pod.is_none() {
                 super::dump::unpin_maps(pin_root);
@@ -317,9 +317,31 @@ pub fn pinned_pods(pin_root: &Path) -> Vec<String> {
     let mut names: Vec<String> = entries
         .flatten()
         .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .map(|e| pod_of_pin_dir(&e.file_name().to_string_lossy()))
         .filter(|n| n != crate::types::PIN_MAPS_DIR)
         .collect();
     names.sort();
     names
+}
+
+/// bpffs refuses names with a dot, which pod names may have (`shop.web`): in a pin
+/// directory's name a dot is written `~`, which no pod name contains.
+pub fn pin_dir(pin_root: &Path, pod: &str) -> PathBuf {
+    pin_root.join(pod.replace('.', "~"))
+}
+
+fn pod_of_pin_dir(dir: &str) -> String {
+    dir.replace('~', ".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_dirs_have_no_dots_and_map_back() {
+        let d = pin_dir(Path::new("/sys/fs/bpf/agent"), "shop.web-1");
+        assert_eq!(d, PathBuf::from("/sys/fs/bpf/agent/shop~web-1"));
+        assert_eq!(pod_of_pin_dir("shop~web-1"), "shop.web-1");
+    }
 }

@@ -86,6 +86,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             pin_root: cfg.pin_root.clone(),
             drain_timeout: cfg.drain_timeout,
             pod_defaults: cfg.pod_defaults.clone(),
+            node_mode: cfg.node.clone(),
         },
         state,
         events_tx,

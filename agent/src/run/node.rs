@@ -42,6 +42,8 @@ pub(super) struct NodeSettings {
     pub pin_root: PathBuf,
     pub drain_timeout: Duration,
     pub pod_defaults: PodDefaults,
+    /// Node mode: pods a container runtime hands over through the CNI plugin.
+    pub node_mode: Option<crate::k8s::NodeMode>,
 }
 
 /// What reaches the registry's task besides admin requests.
@@ -66,6 +68,8 @@ pub(super) enum Event {
 pub(super) enum Source {
     Config,
     Api,
+    /// A container runtime, through the CNI plugin.
+    Cni,
     /// Re-adopted from the state a previous agent recorded.
     State,
 }
@@ -75,13 +79,14 @@ impl Source {
         match self {
             Source::Config => "config",
             Source::Api => "api",
+            Source::Cni => "cni",
             Source::State => "state",
         }
     }
     fn origin(self) -> Origin {
         match self {
             Source::Config => Origin::Config,
-            Source::Api | Source::State => Origin::Api,
+            Source::Api | Source::Cni | Source::State => Origin::Api,
         }
     }
 }
@@ -103,6 +108,9 @@ struct Served {
     releasing: Option<Vec<oneshot::Sender<ControlReply>>>,
     /// Its links replaced pinned ones (a previous agent's, or its own while blocked).
     adopted: bool,
+    /// Once drained, remove everything rather than honour the fail mode (the runtime
+    /// deleted the pod: there is nothing left to protect).
+    remove_after_drain: bool,
 }
 
 /// A fail-closed pod the agent does not serve: its pinned programs refuse its
@@ -238,8 +246,158 @@ impl Node {
                 }
                 let _ = reply.send(result);
             }
-            crate::admin::Control::Release { name, reply } => self.release(&name, reply),
+            crate::admin::Control::Release { name, reply } => self.release(&name, reply, false),
+            crate::admin::Control::Cni { request, reply } => self.cni(*request, reply).await,
         }
+    }
+
+    /// A container runtime's CNI plugin: ADD enrols (or skips, or blocks) the pod, DEL
+    /// releases it and removes everything (idempotent), CHECK tells whether it is attached.
+    async fn cni(&mut self, req: crate::cni::CniRequest, reply: oneshot::Sender<ControlReply>) {
+        use crate::{cni::CniCommand, k8s::Admission};
+        let Some(mode) = self.settings.node_mode.clone() else {
+            let _ = reply.send(Err(ControlError::Invalid(
+                "this agent has no [node] table in its config, so it enrols no pods for a container runtime: add one".into(),
+            )));
+            return;
+        };
+        if let Err(r) = req.pod.validate() {
+            let _ = reply.send(Err(ControlError::Invalid(format!("kubernetes: {r}"))));
+            return;
+        }
+        let name = req.pod.pod_name();
+        let result = match req.command {
+            CniCommand::Add => {
+                let Some(netns) = &req.netns else {
+                    let _ = reply.send(Err(ControlError::Invalid("ADD without CNI_NETNS".into())));
+                    return;
+                };
+                info!(pod = %req.pod, name = %name, netns = %netns.display(), ips = ?req.ips,
+                      "CNI ADD");
+                match mode.admit(&req.pod, netns) {
+                    Err(r) => Err(ControlError::Invalid(r)),
+                    Ok(Admission::Skip(reason)) => {
+                        info!(pod = %req.pod, reason = %reason, "CNI ADD: not enrolled");
+                        Ok(json!({"pod": name, "result": "skipped", "reason": reason}))
+                    }
+                    Ok(Admission::Enrol(request)) => {
+                        match request.validate(
+                            "",
+                            &self.settings.pod_defaults,
+                            &crate::spec::System,
+                        ) {
+                            Ok(spec) => self.enroll(spec, Source::Cni).await,
+                            Err(e) => Err(ControlError::Invalid(e.to_string())),
+                        }
+                    }
+                    Ok(Admission::Block(request, reason)) => {
+                        match request.validate(
+                            "",
+                            &self.settings.pod_defaults,
+                            &crate::spec::System,
+                        ) {
+                            Ok(spec) => self.enroll_blocked(spec, reason).await,
+                            Err(e) => Err(ControlError::Invalid(e.to_string())),
+                        }
+                    }
+                }
+            }
+            CniCommand::Del => {
+                info!(pod = %req.pod, name = %name, "CNI DEL");
+                if self.served.contains_key(&name) {
+                    return self.release(name.as_str(), reply, true);
+                }
+                match self.blocked.remove(name.as_str()) {
+                    Some(b) => {
+                        self.remove_blocked(name.as_str(), b);
+                        self.publish();
+                        Ok(json!({"pod": name, "result": "released"}))
+                    }
+                    None => Ok(json!({"pod": name, "result": "not_enrolled"})),
+                }
+            }
+            CniCommand::Check => match (self.served.get(&name), self.blocked.get(name.as_str())) {
+                (Some(s), _) if s.releasing.is_none() && s.pod.netns.still_at_path() => {
+                    Ok(json!({"pod": name, "result": "enrolled"}))
+                }
+                (None, Some(b)) => Ok(json!({"pod": name, "result": "blocked", "reason": b.note})),
+                _ => Err(ControlError::NotFound(format!(
+                    "pod {name} is not enrolled and attached"
+                ))),
+            },
+        };
+        if let Err(e) = &result {
+            warn!(pod = %req.pod, command = ?req.command, error = %e, "CNI request refused");
+        }
+        let _ = reply.send(result);
+    }
+
+    /// Enrols a pod that must not be served: its programs are attached and pinned and its
+    /// connections refused, until it is enrolled again.
+    async fn enroll_blocked(&mut self, spec: PodSpec, reason: String) -> ControlReply {
+        let name = spec.name.clone();
+        if self.served.contains_key(&name) {
+            return Err(ControlError::Conflict(format!(
+                "pod {name} is served; release it before it can be blocked"
+            )));
+        }
+        if let Some(b) = self.blocked.get(name.as_str()) {
+            return Ok(json!({"pod": name, "result": "blocked", "reason": b.note}));
+        }
+        let netns = Netns::open(&spec.netns).map_err(failed)?;
+        let cookie = netns.cookie().map_err(failed)?;
+        let id = self.free_id();
+        let mut entry = kernel_entry(&spec, id, cookie, self.settings.outbound_port);
+        entry.outbound_excluded_ports.clear();
+        entry.outbound_excluded_cidrs.clear();
+        entry.inbound_excluded_ports.clear();
+        entry.probe_ports.clear();
+        entry.config.flags |= POD_FLAG_BLOCK;
+        self.kernel
+            .pods
+            .set_config(cookie, entry.config)
+            .map_err(failed)?;
+        let attached = PodLinks::attach(
+            &mut self.kernel,
+            &name,
+            &spec.cgroup,
+            netns.file(),
+            &self.settings.pin_root,
+            true,
+            true,
+        );
+        let links = match attached {
+            Ok((links, _)) => links,
+            Err(e) => {
+                self.kernel.pods.remove(&entry);
+                return Err(failed(e));
+            }
+        };
+        links.leave_pinned();
+        let record = Record::new(
+            id,
+            Origin::Api,
+            Status::Blocked,
+            netns.ident(),
+            spec.request.clone(),
+        );
+        if let Err(e) = self.state.write(name.as_str(), &record) {
+            error!(pod = %name, error = %e, "cannot record the pod as blocked");
+        }
+        warn!(pod = %name, reason = %reason, "pod enrolled BLOCKED (fail-closed): its connections are refused until it is enrolled with what it lacks");
+        self.blocked.insert(
+            name.to_string(),
+            Blocked {
+                id: Some(id),
+                netns: Some((spec.netns.clone(), netns.ident())),
+                cgroup: Some(spec.cgroup.clone()),
+                record: Some(record),
+                entry: Some(entry),
+                note: reason.clone(),
+            },
+        );
+        self.publish();
+        Ok(json!({"pod": name, "result": "blocked", "reason": reason, "pod_id": id}))
     }
 
     /// Enrols a pod, or confirms it is already enrolled with the same spec. On error
@@ -465,6 +623,7 @@ impl Node {
             addr_task,
             releasing: None,
             adopted: replaced > 0,
+            remove_after_drain: false,
         })
     }
 
@@ -548,7 +707,12 @@ impl Node {
     /// Starts releasing a pod: its new connections stop reaching the agent at once
     /// (fail-open: they go direct; fail-closed: they are refused), then its open
     /// connections drain, up to the drain deadline.
-    pub(super) fn release(&mut self, name: &str, reply: oneshot::Sender<ControlReply>) {
+    pub(super) fn release(
+        &mut self,
+        name: &str,
+        reply: oneshot::Sender<ControlReply>,
+        remove_after_drain: bool,
+    ) {
         let Some(key) = self.served.keys().find(|n| n.as_str() == name).cloned() else {
             let what = if self.blocked.contains_key(name) {
                 format!("pod {name} is not enrolled (it is blocked: enrol it again, or `agent uninstall --pod {name}` to unblock it)")
@@ -564,6 +728,7 @@ impl Node {
             return;
         }
         s.releasing = Some(vec![reply]);
+        s.remove_after_drain = remove_after_drain;
         s.addr_task.abort();
         let (gen, fail_mode, pod) = (s.gen, s.spec.fail_mode, s.pod.clone());
         match fail_mode {
@@ -619,7 +784,10 @@ impl Node {
         let mut s = self.served.remove(name).expect("checked above");
         let waiting = s.releasing.take().unwrap_or_default();
         let fail_mode = s.spec.fail_mode;
-        if fail_mode == FailMode::Closed {
+        if s.remove_after_drain {
+            info!(pod = %name, "pod released and removed (the runtime deleted it): nothing left attached");
+            self.forget(s);
+        } else if fail_mode == FailMode::Closed {
             self.park(
                 s,
                 "released (fail-closed): its connections are refused until it is enrolled again"
@@ -794,6 +962,7 @@ impl Node {
                 },
                 source: s.source.label(),
                 programs: programs_of(&s.spec),
+                kubernetes: s.spec.kubernetes.clone(),
                 note: None,
                 pod: Some(s.pod.clone()),
             });
@@ -816,6 +985,7 @@ impl Node {
                     "cgroup/connect6 (pinned)",
                     "sk_lookup (pinned)",
                 ],
+                kubernetes: request.and_then(|r| r.kubernetes.clone()),
                 note: Some(b.note.clone()),
                 pod: None,
             });
