@@ -242,11 +242,17 @@ impl PortKey {
 
 /// `::ffff:a.b.c.d` from the four bytes of an IPv4 address in network order.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
+    // One 128-bit value written out big-endian, not a byte array with ten zeroes: LLVM
+    // turns those into a memset loop whose stack pointer arithmetic the verifier refuses
+    // to a loader without CAP_PERFMON (an init container has only CAP_BPF and
+    // CAP_NET_ADMIN).
+    (0xffff_0000_0000u128 | u32::from_be_bytes(octets) as u128).to_be_bytes()
 }
 
+const _: () = assert!(matches!(
+    v4_mapped([10, 1, 2, 3]),
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]
+));
 const _: () = assert!(core::mem::size_of::<PodConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 24);

@@ -141,31 +141,62 @@ pub struct PodFlag(pub PodRequest);
 impl FromStr for PodFlag {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut name, mut netns, mut cgroup, mut fail_mode) = (None, None, None, None);
+        let mut pod = PodRequest::default();
+        let (mut name, mut netns, mut cgroup) = (false, false, false);
         for part in s.split(',') {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| format!("`{part}` is not key=value"))?;
             match k {
-                "name" => name = Some(v.to_string()),
-                "netns" => netns = Some(PathBuf::from(v)),
-                "cgroup" => cgroup = Some(PathBuf::from(v)),
-                "fail_mode" => fail_mode = Some(v.parse()?),
+                "name" => (pod.name, name) = (v.to_string(), true),
+                "netns" => (pod.netns, netns) = (PathBuf::from(v), true),
+                "cgroup" => (pod.cgroup, cgroup) = (PathBuf::from(v), true),
+                "fail_mode" => pod.fail_mode = v.parse()?,
+                "mode" => pod.mode = v.parse()?,
+                "identity_dir" => pod.identity_dir = Some(PathBuf::from(v)),
+                "policy" => pod.policy = Some(PathBuf::from(v)),
                 other => {
                     return Err(format!(
-                        "unknown key `{other}` (expected name, netns, cgroup, fail_mode)"
+                        "unknown key `{other}` (expected name, netns, cgroup, fail_mode, mode, identity_dir, policy)"
                     ))
                 }
             }
         }
-        Ok(PodFlag(PodRequest {
-            name: name.ok_or("missing name=")?,
-            netns: netns.ok_or("missing netns=")?,
-            cgroup: cgroup.ok_or("missing cgroup=")?,
-            fail_mode: fail_mode.unwrap_or_default(),
-            ..Default::default()
-        }))
+        for (given, key) in [(name, "name"), (netns, "netns"), (cgroup, "cgroup")] {
+            if !given {
+                return Err(format!("missing {key}="));
+            }
+        }
+        Ok(PodFlag(pod))
     }
+}
+
+/// `cgroup = "auto"`: the cgroup the agent itself runs in is a container's, directly in
+/// the pod's (sidecar mode, without a private cgroup namespace). `cgroup = "uid:UID"`:
+/// the kubelet's cgroup of the pod with that UID (from the Downward API), under the
+/// cgroup2 mount. Anything else is a path.
+fn resolve_cgroup(at: &str, cgroup: &Path, probe: &dyn Probe) -> Result<PathBuf, ConfigError> {
+    let field = format!("{at}.cgroup");
+    let text = cgroup.to_string_lossy();
+    if text == "auto" {
+        let own = probe.own_cgroup().map_err(|r| invalid(&field, r))?;
+        let root = probe.cgroup2_root().map_err(|r| invalid(&field, r))?;
+        if own == root {
+            return Err(invalid(
+                field,
+                "auto: the agent's own cgroup is the root of what it sees (a private cgroup namespace); give cgroup=uid:<pod UID> (the Downward API's metadata.uid) and mount the host's /sys/fs/cgroup",
+            ));
+        }
+        return own
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| invalid(field, "auto: the agent's cgroup has no parent"));
+    }
+    if let Some(uid) = text.strip_prefix("uid:") {
+        let root = probe.cgroup2_root().map_err(|r| invalid(&field, r))?;
+        return crate::k8s::find_pod_cgroup(&root, uid).map_err(|r| invalid(field, r));
+    }
+    Ok(cgroup.to_path_buf())
 }
 
 /// Flags and environment variables of `agent run` that can override the file.
@@ -191,6 +222,11 @@ pub struct RunArgs {
     /// Enroll a pod: `name=N,netns=PATH,cgroup=PATH[,fail_mode=closed|open]` (repeatable).
     #[arg(long = "pod")]
     pub pods: Vec<PodFlag>,
+    /// Sidecar mode: serve exactly one pod, the one whose network namespace this process
+    /// is in (typically `--pod name=$(POD_NAME),netns=/proc/self/ns/net,cgroup=auto`),
+    /// adopting what `agent init` pinned.
+    #[arg(long)]
+    pub sidecar: bool,
     /// Where enrolled pods are recorded, so a restarted agent re-adopts them.
     #[arg(long, env = "AGENT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -361,7 +397,8 @@ impl Config {
             );
         let (mut pods, mut names, mut netns_seen, mut cgroups_seen) =
             (Vec::new(), HashSet::new(), HashSet::new(), HashSet::new());
-        for (field, pod) in all {
+        for (field, mut pod) in all {
+            pod.cgroup = resolve_cgroup(&field, &pod.cgroup, probe)?;
             let p = pod.validate(&field, &pod_defaults, probe)?;
             if !names.insert(p.name.clone()) {
                 return Err(invalid(
@@ -411,6 +448,9 @@ impl Config {
                 Some(addr)
             }
         };
+        if args.sidecar {
+            check_sidecar(&pods, file.node.is_some())?;
+        }
         let node = match file.node {
             None => None,
             Some(n) => Some(node_mode(n, probe)?),
@@ -439,6 +479,32 @@ impl Config {
             pod_defaults,
         })
     }
+}
+
+/// A sidecar serves its own pod and nothing else, fail-closed.
+fn check_sidecar(pods: &[PodSpec], node_mode: bool) -> Result<(), ConfigError> {
+    if node_mode {
+        return Err(invalid(
+            "node",
+            "--sidecar serves one pod: a [node] table (pods from a runtime) does not go with it",
+        ));
+    }
+    let [pod] = pods else {
+        return Err(invalid(
+            "--pod",
+            format!(
+                "--sidecar serves exactly one pod (its own); {} given",
+                pods.len()
+            ),
+        ));
+    };
+    if pod.fail_mode != FailMode::Closed {
+        return Err(invalid(
+            "--pod.fail_mode",
+            "a sidecar's pod is fail-closed: `agent init` left it blocked for the sidecar to adopt",
+        ));
+    }
+    Ok(())
 }
 
 fn node_mode(n: NodeFile, probe: &dyn Probe) -> Result<NodeMode, ConfigError> {
@@ -546,6 +612,43 @@ mod tests {
             .to_string();
         assert!(err.starts_with("node.policy:"), "{err}");
         assert!(err.contains("unknown placeholder {ns}"), "{err}");
+    }
+
+    #[test]
+    fn a_sidecar_finds_its_pod_cgroup_and_serves_only_it() {
+        let args = RunArgs {
+            sidecar: true,
+            pods: vec!["name=web,netns=/proc/self/ns/net,cgroup=auto,mode=strict,identity_dir=/var/run/svid"
+                .parse()
+                .unwrap()],
+            ..Default::default()
+        };
+        let cfg = Config::build(FileConfig::default(), &args, &Fake).unwrap();
+        assert_eq!(
+            cfg.pods[0].cgroup,
+            PathBuf::from("/sys/fs/cgroup/kubepods/podabc")
+        );
+        let two = RunArgs {
+            pods: vec![
+                "name=a,netns=/n1,cgroup=/c1".parse().unwrap(),
+                "name=b,netns=/n2,cgroup=/c2".parse().unwrap(),
+            ],
+            ..args.clone()
+        };
+        let err = Config::build(FileConfig::default(), &two, &Fake)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exactly one pod"), "{err}");
+        let open = RunArgs {
+            pods: vec!["name=a,netns=/n1,cgroup=/c1,fail_mode=open"
+                .parse()
+                .unwrap()],
+            ..args
+        };
+        let err = Config::build(FileConfig::default(), &open, &Fake)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fail-closed"), "{err}");
     }
 
     #[test]

@@ -24,6 +24,9 @@ struct Cli {
 enum Cmd {
     /// Enroll pods: intercept, encrypt, authorize and proxy their TCP connections.
     Run(config::RunArgs),
+    /// Sidecar mode's init container: pin the pod's blocking programs and exit (the pod is
+    /// fail-closed until `agent run --sidecar` adopts them).
+    Init(config::RunArgs),
     /// Enroll a pod into the running agent (the same checks as a [[pod]] of the config).
     Enroll(EnrollArgs),
     /// Release a pod: drain its connections, then honour its fail mode.
@@ -77,6 +80,9 @@ enum Cmd {
     /// Check a policy file, evaluate a decision offline, or show the policies in force.
     #[command(subcommand)]
     Policy(PolicyCli),
+    /// Install agent-cni into the node's CNI configuration, or remove it.
+    #[command(subcommand)]
+    Cni(CniCmd),
     /// A development CA and SPIFFE SVIDs (for demos and tests).
     #[command(subcommand)]
     Ca(ca::CaCmd),
@@ -92,6 +98,30 @@ enum Cmd {
         /// Only this pod's pins.
         #[arg(long)]
         pod: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CniCmd {
+    /// Copy agent-cni next to the CNI plugins and append it to the primary conflist.
+    Install {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The plugin binary to install (default: agent-cni next to this binary).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        /// The agent's admin socket, as the plugin will reach it.
+        #[arg(long, default_value = agent::types::DEFAULT_ADMIN_SOCKET)]
+        agent_socket: PathBuf,
+    },
+    /// Remove exactly what `install` added.
+    Uninstall {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
     },
 }
 
@@ -213,6 +243,26 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Init(mut args) => {
+            args.sidecar = true;
+            let cfg = match config::Config::from_args(&args) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("agent init: invalid configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match run::init(&cfg) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agent init: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "agent", &mut std::io::stdout());
             ExitCode::SUCCESS
@@ -243,6 +293,7 @@ fn main() -> ExitCode {
             }
             ExitCode::from(code)
         }
+        Cmd::Cni(cmd) => cni_cmd(cmd),
         Cmd::Ca(cmd) => match ca::run(cmd) {
             Ok(msg) => {
                 println!("{msg}");
@@ -294,4 +345,51 @@ fn uninstall(
         }
     }
     Ok(removed)
+}
+
+fn cni_cmd(cmd: CniCmd) -> ExitCode {
+    use agent::cni::install;
+    let result = match cmd {
+        CniCmd::Install {
+            bin_dir,
+            conf_dir,
+            plugin,
+            agent_socket,
+        } => {
+            let plugin = plugin.unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(|d| d.join(install::PLUGIN)))
+                    .unwrap_or_else(|| PathBuf::from(install::PLUGIN))
+            });
+            install::install(&plugin, &bin_dir, &conf_dir, &agent_socket).map(|conf| {
+                format!(
+                    "installed {} and appended it to {}",
+                    bin_dir.join(install::PLUGIN).display(),
+                    conf.display()
+                )
+            })
+        }
+        CniCmd::Uninstall { bin_dir, conf_dir } => {
+            install::uninstall(&bin_dir, &conf_dir).map(|changed| {
+                if changed.is_empty() {
+                    "agent-cni was not installed".to_string()
+                } else {
+                    let names: Vec<String> =
+                        changed.iter().map(|p| p.display().to_string()).collect();
+                    format!("removed agent-cni from {}", names.join(", "))
+                }
+            })
+        }
+    };
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agent cni: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

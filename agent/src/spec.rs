@@ -123,6 +123,8 @@ pub trait Probe {
     fn identity_dir(&self, dir: &Path) -> Result<IdentityFiles, String>;
     /// Where the cgroup v2 hierarchy is mounted.
     fn cgroup2_root(&self) -> Result<PathBuf, String>;
+    /// The cgroup directory this process runs in.
+    fn own_cgroup(&self) -> Result<PathBuf, String>;
 }
 
 impl PodRequest {
@@ -361,6 +363,12 @@ impl Probe for System {
     fn cgroup2_root(&self) -> Result<PathBuf, String> {
         crate::cgroup::cgroup2_mount().map_err(|e| e.to_string())
     }
+
+    fn own_cgroup(&self) -> Result<PathBuf, String> {
+        crate::cgroup::own()
+            .map(|(dir, _)| dir)
+            .map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -387,6 +395,9 @@ pub(crate) mod tests {
         }
         fn cgroup2_root(&self) -> Result<PathBuf, String> {
             Ok("/sys/fs/cgroup".into())
+        }
+        fn own_cgroup(&self) -> Result<PathBuf, String> {
+            Ok("/sys/fs/cgroup/kubepods/podabc/ctr1".into())
         }
     }
 

@@ -256,10 +256,15 @@ impl Agent {
 
     /// Starts the agent from a prepared command (e.g. one placed in a pod's sub-cgroup).
     pub fn start_cmd(cmd: Command, config: &AgentConfig) -> Agent {
+        Self::start_cmd_args(cmd, config, &[])
+    }
+
+    /// [`Agent::start_cmd`] with extra arguments after `agent run --config FILE`.
+    pub fn start_cmd_args(cmd: Command, config: &AgentConfig, extra: &[&str]) -> Agent {
         let path =
             std::env::temp_dir().join(format!("simnode-agent-{}.toml", crate::sys::run_id()));
         std::fs::write(&path, config.text()).expect("write agent config");
-        let mut agent = Self::spawn(cmd, path, &config.log_level);
+        let mut agent = Self::spawn(cmd, path, &config.log_level, extra);
         agent.admin = Some(config.admin.clone());
         agent
     }
@@ -273,13 +278,15 @@ impl Agent {
             Command::new(workspace_bin("agent")),
             copy,
             DEFAULT_LOG_LEVEL,
+            &[],
         )
     }
 
-    fn spawn(mut cmd: Command, path: std::path::PathBuf, log_level: &str) -> Agent {
+    fn spawn(mut cmd: Command, path: std::path::PathBuf, log_level: &str, extra: &[&str]) -> Agent {
         cmd.args(["run", "--config"])
             .arg(&path)
             .args(["--log-format", "json", "--log-level", log_level])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -50,6 +50,14 @@ fn home() -> &'static File {
 pub struct Netns {
     file: File,
     path: PathBuf,
+    /// The agent's own namespace (sidecar mode): nothing to switch, and no CAP_SYS_ADMIN
+    /// needed for setns.
+    own: bool,
+}
+
+fn ident(f: &File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Netns {
@@ -60,10 +68,17 @@ impl Netns {
             path: path.to_path_buf(),
             source,
         })?;
+        let own = ident(&file).is_some() && ident(&file) == ident(home());
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            own,
         })
+    }
+
+    /// Whether this is the agent's own network namespace.
+    pub fn is_own(&self) -> bool {
+        self.own
     }
 
     pub fn file(&self) -> &File {
@@ -96,6 +111,9 @@ impl Netns {
 
     /// Runs `f` with the current thread inside this namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        if self.own {
+            return Ok(f());
+        }
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
             path: self.path.clone(),
             source,

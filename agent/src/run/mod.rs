@@ -3,8 +3,11 @@
 //! SIGTERM/SIGINT stop in an order that never leaves a pod less protected than its fail
 //! mode promises. The only reader of [`crate::config`].
 
+mod init;
 mod node;
 mod restore;
+
+pub use init::init;
 
 use std::sync::Arc;
 
@@ -35,6 +38,8 @@ pub enum RunError {
     Admin(#[from] crate::admin::AdminError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
     #[error("pod {pod}: {reason}")]
     Enroll { pod: String, reason: String },
     #[error("cannot install signal handlers: {0}")]

@@ -1068,7 +1068,7 @@ fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
 }
 
 /// The kernel's view of a pod, derived from its spec.
-fn kernel_entry(spec: &PodSpec, id: PodId, cookie: u64, outbound_port: u16) -> PodEntry {
+pub(super) fn kernel_entry(spec: &PodSpec, id: PodId, cookie: u64, outbound_port: u16) -> PodEntry {
     let mut flags = 0;
     if spec.fail_mode == FailMode::Open {
         flags |= POD_FLAG_FAIL_OPEN;

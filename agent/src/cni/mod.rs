@@ -9,6 +9,8 @@
 //! often it is called, also when the agent is gone (the agent reaps pods whose namespace
 //! went away by itself). CHECK fails unless the pod is enrolled and attached.
 
+pub mod install;
+
 use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
