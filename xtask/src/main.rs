@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod image;
 mod setup;
 mod sh;
 
@@ -24,6 +25,12 @@ enum Cmd {
     Test,
     /// Run the agent on a simulated two-pod node and show what it intercepted.
     Demo,
+    /// The agent's OCI image (agent + agent-cni), as an archive for `ctr images import`.
+    Image {
+        /// From the debug build instead of an optimized one.
+        #[arg(long)]
+        debug: bool,
+    },
     /// Side-by-side performance arms on a simulated node; results in target/bench/.
     Bench {
         /// A short run that only checks the harness (every arm runs and moves bytes).
@@ -60,6 +67,25 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
         Cmd::Test => test(),
+        Cmd::Image { debug } => {
+            setup::run()?;
+            let profile = if debug { "debug" } else { "release" };
+            let mut args = vec!["build", "-p", "agent", "--bins"];
+            if !debug {
+                args.push("--release");
+            }
+            sh::run("cargo", &args)?;
+            let (path, digest) =
+                image::build(&target_dir().join(profile), &target_dir().join("image"))?;
+            image::verify(&path)?;
+            println!(
+                "image {} ({digest}) written to {}\nimport it with: ctr -n k8s.io images import {}",
+                image::NAME,
+                path.display(),
+                path.display()
+            );
+            Ok(())
+        }
         Cmd::Demo => {
             setup::run()?;
             build_bins()?;
@@ -114,6 +140,12 @@ fn main() -> Result<()> {
     }
 }
 
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
 fn build_bins() -> Result<()> {
     sh::run(
         "cargo",
@@ -128,6 +160,10 @@ fn test() -> Result<()> {
         .context("formatting differs: run `cargo fmt --all`")?;
     sh::run("cargo", LINT).context("clippy found problems (shown above)")?;
     build_bins()?;
+    // The image the manifests name, from the binaries just built: well-formed and complete.
+    let (archive, _) = image::build(&target_dir().join("debug"), &target_dir().join("image"))
+        .context("building the OCI image")?;
+    image::verify(&archive).context("the OCI image is malformed")?;
     // The privileged tests share the kernel (cgroup attachments, bpffs, CPU): one at a time.
     let (passed, failed) = sh::cargo_test(
         &[
