@@ -25,10 +25,18 @@ pub struct Capture {
 impl Capture {
     /// Starts capturing every frame on the pod's `eth0`; returns once the socket is bound.
     pub fn start(pod: &Pod) -> Capture {
+        Self::start_in(&pod.netns_path)
+    }
+
+    /// Captures on `eth0` of the network namespace at `netns` (a runtime's pod).
+    pub fn start_in(netns: &std::path::Path) -> Capture {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = pod.in_netns(move || {
+        let ns =
+            std::fs::File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+        let thread = std::thread::spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into pod");
             let sock = open_eth0();
             let _ = ready_tx.send(());
             let mut frames = Vec::new();

@@ -120,6 +120,12 @@ impl Node {
         node
     }
 
+    /// The third octet of this node's 10.213.x.0/24 (free on this machine; a container
+    /// runtime's pod network uses 10.214.x.0/24).
+    pub fn subnet(&self) -> u8 {
+        self.subnet
+    }
+
     /// The node's own address on the bridge (where kubelet probes come from).
     pub fn ip4(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 213, self.subnet, 1)
@@ -406,6 +412,35 @@ fn free_subnet(id: &str) -> u8 {
 /// when no other simulated node is running on the machine (`cargo xtask` calls it).
 pub fn sweep_stale() -> Vec<String> {
     let mut removed = Vec::new();
+    // A crashed runtime test's containerd and its shims (their command lines name our
+    // scratch directory), then whatever they left mounted there.
+    let tmp = std::env::temp_dir();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let ours = cmdline.contains(&format!("{}/simnode-", tmp.display()));
+        if ours && (cmdline.starts_with("containerd") || cmdline.contains("containerd-shim")) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            removed.push(format!("process {pid} ({})", cmdline.trim()));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut stale: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| m.starts_with(&format!("{}/simnode-", tmp.display())))
+        .collect();
+    stale.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in stale {
+        run_quiet("umount", &["-l", m]);
+        removed.push(format!("mount {m}"));
+    }
     let is_id = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_hexdigit());
     for line in run("ip", &["netns", "list"]).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
@@ -420,7 +455,11 @@ pub fn sweep_stale() -> Vec<String> {
     }
     for line in run("ip", &["-o", "link", "show", "type", "bridge"]).lines() {
         let name = line.split(':').nth(1).unwrap_or("").trim();
-        if name.strip_prefix("snb").is_some_and(is_id) {
+        if name
+            .strip_prefix("snb")
+            .or(name.strip_prefix("snc"))
+            .is_some_and(is_id)
+        {
             run_quiet("ip", &["link", "del", name]);
             removed.push(format!("bridge {name}"));
         }
@@ -435,6 +474,14 @@ pub fn sweep_stale() -> Vec<String> {
         }
     };
     sweep_dir(&cgroup2_root(), &mut removed, &remove_cgroup_tree);
+    // A container runtime's pods also have cgroups in the v1 hierarchies of hybrid hosts.
+    for m in crate::cri::kubelet::cgroup_mounts() {
+        if m != cgroup2_root() {
+            sweep_dir(&m, &mut removed, &|d: &Path| {
+                crate::cri::kubelet::remove_cgroup_tree(d)
+            });
+        }
+    }
     sweep_dir(Path::new("/sys/fs/bpf"), &mut removed, &remove_pins);
     removed
 }

@@ -190,7 +190,9 @@ fn same_source_port_in_two_pods_routes_each_to_its_destination() {
     let mut agent = Agent::start(&AgentConfig::new(&node).pod(a, "open").pod(c, "open"));
     let (to_a, to_c) = (at(b, false, 9001), at(b, false, 9002));
     for round in 0..30u16 {
-        let port = 41000 + round;
+        // Below the ephemeral range (32768-60999), so no socket the agent opens in the pod
+        // can hold the port when the client binds it.
+        let port = 31000 + round;
         let bind = format!("0.0.0.0:{port}");
         // Both pods' redirected sockets are 127.0.0.1:<port> -> 127.0.0.1:15001 in their
         // own namespaces: identical 4-tuples that only the pod scope tells apart.

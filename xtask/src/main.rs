@@ -2,12 +2,12 @@
 
 mod bench;
 mod demo;
-mod image;
 mod setup;
 mod sh;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use simnode::image;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Build, test and demo tasks for the agent")]
@@ -76,11 +76,13 @@ fn main() -> Result<()> {
             }
             sh::run("cargo", &args)?;
             let (path, digest) =
-                image::build(&target_dir().join(profile), &target_dir().join("image"))?;
-            image::verify(&path)?;
+                image::agent(&target_dir().join(profile), &target_dir().join("image"))
+                    .map_err(anyhow::Error::msg)?;
+            image::verify(&path, image::AGENT_IMAGE, AGENT_IMAGE_FILES)
+                .map_err(anyhow::Error::msg)?;
             println!(
                 "image {} ({digest}) written to {}\nimport it with: ctr -n k8s.io images import {}",
-                image::NAME,
+                image::AGENT_IMAGE,
                 path.display(),
                 path.display()
             );
@@ -140,6 +142,9 @@ fn main() -> Result<()> {
     }
 }
 
+/// What the agent's image must hold: both binaries and the dynamic loader they need.
+const AGENT_IMAGE_FILES: &[&str] = &["agent", "agent-cni", "lib64/ld-linux-x86-64.so.2"];
+
 fn target_dir() -> std::path::PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(Into::into)
@@ -161,9 +166,12 @@ fn test() -> Result<()> {
     sh::run("cargo", LINT).context("clippy found problems (shown above)")?;
     build_bins()?;
     // The image the manifests name, from the binaries just built: well-formed and complete.
-    let (archive, _) = image::build(&target_dir().join("debug"), &target_dir().join("image"))
+    let (archive, _) = image::agent(&target_dir().join("debug"), &target_dir().join("image"))
+        .map_err(anyhow::Error::msg)
         .context("building the OCI image")?;
-    image::verify(&archive).context("the OCI image is malformed")?;
+    image::verify(&archive, image::AGENT_IMAGE, AGENT_IMAGE_FILES)
+        .map_err(anyhow::Error::msg)
+        .context("the OCI image is malformed")?;
     // The privileged tests share the kernel (cgroup attachments, bpffs, CPU): one at a time.
     let (passed, failed) = sh::cargo_test(
         &[

@@ -22,6 +22,13 @@ const TOOL_PACKAGES: &[&str] = &[
     // The bench's reference arms: an iptables REDIRECT in the pod, and haproxy doing mTLS.
     "iptables",
     "haproxy",
+    // A real container runtime for the deployment tests: containerd (its CRI plugin), runc,
+    // the reference CNI plugins, protoc for the CRI client, and busybox as a test image.
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "protobuf-compiler",
+    "busybox-static",
 ];
 pub const EBPF_TOOLCHAIN: &str = "bpf-debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";
