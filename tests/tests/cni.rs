@@ -84,6 +84,17 @@ fn pods_added_by_a_runtime_speak_mtls_and_are_removed_by_del() {
             p.name
         );
     }
+    let status = call(
+        "STATUS",
+        web,
+        "shop",
+        &net_conf(web, &node.admin_socket(), false),
+    );
+    assert_eq!(
+        status.code,
+        Some(0),
+        "STATUS with the agent ready: {status:?}"
+    );
     let view = listed(&agent, "shop.api").expect("shop.api listed");
     assert_eq!(view["source"], "cni");
     assert_eq!(view["kubernetes"]["uid"], api.uid.as_str());
@@ -136,6 +147,11 @@ fn without_the_agent_add_fails_closed_unless_the_network_says_fail_open() {
     assert!(
         err["msg"].as_str().unwrap().contains("unprotected"),
         "{err}"
+    );
+    assert_ne!(
+        call("STATUS", web, "shop", &conf).code,
+        Some(0),
+        "STATUS with no agent"
     );
     // DEL must not fail (the runtime would retry it forever); CHECK must.
     assert_eq!(call("DEL", web, "shop", &conf).code, Some(0));

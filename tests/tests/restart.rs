@@ -212,3 +212,44 @@ fn a_corrupt_state_file_is_reported_and_its_fail_closed_pod_stays_protected() {
     assert!(second.stop().success());
     uninstall(&node);
 }
+
+#[test]
+fn pins_of_a_pod_that_is_gone_are_removed_at_start_even_without_a_record() {
+    let Some(node) = node("restart_stale_pins", &["gone"]) else {
+        return;
+    };
+    let gone = node.pod("gone");
+    let mut first = Agent::start(&config(&node).pod(gone, "closed"));
+    first.kill();
+    assert!(
+        agent::ebpf::pin_dir(node.pin_root(), "gone").exists(),
+        "fail-closed pins"
+    );
+    // No record of it (a lost state directory), and the pod is deleted meanwhile.
+    std::fs::remove_file(node.state_dir().join("pods/gone.json")).expect("the record");
+    gone.delete_netns();
+    std::fs::remove_dir(&gone.cgroup).expect("remove the pod's cgroup");
+    // The kernel lets go of a removed cgroup asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent::ebpf::pins_are_stale(node.pin_root(), "gone") {
+        assert!(Instant::now() < deadline, "the pins never went stale");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second = Agent::start(&config(&node));
+    second.wait_for(
+        "the stale pins removed",
+        |e| {
+            e["pod"] == "gone"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("stale pins"))
+        },
+        WAIT,
+    );
+    assert!(
+        !agent::ebpf::pin_dir(node.pin_root(), "gone").exists(),
+        "pins left"
+    );
+    assert!(second.pods().is_empty());
+    drop(second);
+}

@@ -334,6 +334,58 @@ fn pod_of_pin_dir(dir: &str) -> String {
     dir.replace('~', ".")
 }
 
+/// Whether every link pinned under the pod's directory has lost what it was attached to
+/// (its cgroup and its network namespace are gone): the pod no longer exists, and its
+/// pins protect nothing. A link's target is read from its fdinfo (`cgroup_id`,
+/// `netns_ino`; the kernel reports 0 once the target is gone).
+pub fn pins_are_stale(pin_root: &Path, pod: &str) -> bool {
+    let dir = pin_dir(pin_root, pod);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return false;
+    };
+    let mut any = false;
+    for path in entries.flatten().map(|e| e.path()) {
+        let Ok(pinned) = PinnedLink::from_pin(&path) else {
+            return false;
+        };
+        let link = FdLink::from(pinned);
+        let Ok(info) = link.info() else { return false };
+        match link_target(info.id()) {
+            Some(0) => any = true,
+            // Still attached to something that exists, or unreadable: not stale.
+            _ => return false,
+        }
+    }
+    any
+}
+
+/// The cgroup id or netns inode a link of ours (open in this process) is attached to,
+/// from /proc/self/fdinfo of the descriptor whose `link_id` is `id`.
+fn link_target(id: u32) -> Option<u64> {
+    for e in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        // `anon_inode:bpf-link` (older kernels wrote `bpf_link`).
+        let is_link = std::fs::read_link(e.path()).is_ok_and(|t| {
+            let t = t.to_string_lossy();
+            t == "anon_inode:bpf-link" || t == "anon_inode:bpf_link"
+        });
+        if !is_link {
+            continue;
+        }
+        let info = std::fs::read_to_string(Path::new("/proc/self/fdinfo").join(e.file_name()))
+            .unwrap_or_default();
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if field("link_id:") != Some(u64::from(id)) {
+            continue;
+        }
+        return field("cgroup_id:").or_else(|| field("netns_ino:"));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ mod links;
 mod loader;
 mod maps;
 
-pub use links::{attach_sock_ops, pin_dir, pinned_pods, uninstall, PodLinks};
+pub use links::{attach_sock_ops, pin_dir, pinned_pods, pins_are_stale, uninstall, PodLinks};
 pub use loader::Kernel;
 pub use maps::{addr16, ip_from16, Counters, OrigDstTable, PodEntry};
 

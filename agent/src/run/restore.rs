@@ -77,6 +77,13 @@ pub(super) async fn restore(node: &mut Node, config_pods: Vec<PodSpec>) -> Resul
         }
     }
     for name in crate::ebpf::pinned_pods(node.pin_root()) {
+        if !node.is_known(&name) && crate::ebpf::pins_are_stale(node.pin_root(), &name) {
+            info!(pod = %name, "stale pins of a pod that is gone (its cgroup and network namespace no longer exist): removed");
+            if let Err(e) = crate::ebpf::uninstall(node.pin_root(), Some(&name)) {
+                error!(pod = %name, error = %e, "cannot remove the stale pins");
+            }
+            continue;
+        }
         if !node.is_known(&name) {
             warn!(pod = %name, pin_root = %node.pin_root().display(),
                   "pins of a pod with no record: left blocking; enrol it again, or run `agent uninstall --pod {name}`");
