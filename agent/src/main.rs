@@ -216,6 +216,22 @@ impl EnrollArgs {
 /// Exit code for a configuration the agent refuses to start with.
 const EXIT_CONFIG: u8 = 2;
 
+/// An error and its causes, each said once: messages that already quote their source
+/// (`cannot read X: <io error>`) are not followed by it again.
+fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
@@ -238,7 +254,7 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "agent failed");
+                    tracing::error!(error = %report(e.as_ref()), "agent failed");
                     ExitCode::FAILURE
                 }
             }

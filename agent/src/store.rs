@@ -4,11 +4,16 @@
 //!
 //! Directories are watched, not the files: Kubernetes Secrets, ConfigMaps and cert-manager
 //! replace files by renaming or by swapping symlinks, which a watch on the file itself
-//! misses. Events are debounced because writers replace related files in separate steps.
+//! misses. Only events naming one of the source's own files, or the `..data` symlink that
+//! a ConfigMap or Secret mount swaps atomically, count: other files in the directory (a log
+//! file, an editor's swap file) never cause a reload. Events are debounced because writers
+//! replace related files in separate steps, and a reload whose files read the same bytes as
+//! the value in force is skipped.
 //! Readers get an `Arc` of the current value without taking a lock (`arc-swap`), so the
 //! accept path never waits for a reload.
 
 use std::{
+    ffi::OsString,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -19,11 +24,16 @@ use std::{
 
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
-use tracing::error;
+use sha2::{Digest, Sha256};
+use tracing::{debug, error};
 
 use crate::types::PodName;
 
 const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// The symlink a Kubernetes ConfigMap or Secret volume swaps (by rename) to publish a new
+/// version of every file at once; the files themselves are symlinks through it.
+const K8S_DATA_LINK: &str = "..data";
 
 /// Where a store's value comes from.
 pub trait Source: Send + Sync + 'static {
@@ -45,6 +55,8 @@ pub struct Store<S: Source> {
     pod: PodName,
     source: S,
     current: ArcSwap<S::Value>,
+    /// What the files held when the value in force was loaded.
+    digest: arc_swap::ArcSwapOption<[u8; 32]>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
 }
@@ -61,12 +73,14 @@ impl<S: Source> std::fmt::Debug for Store<S> {
 impl<S: Source> Store<S> {
     /// Loads the first value; an error here means the pod cannot be enrolled.
     pub fn load(pod: PodName, source: S) -> Result<Arc<Self>, S::Error> {
+        let digest = digest(&source.files());
         let value = source.load()?;
         source.loaded(&pod, &value, None);
         Ok(Arc::new(Self {
             pod,
             source,
             current: ArcSwap::from_pointee(value),
+            digest: arc_swap::ArcSwapOption::new(digest.map(Arc::new)),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
         }))
@@ -80,15 +94,22 @@ impl<S: Source> Store<S> {
         &self.source
     }
 
-    /// Loads again; on failure the previous value stays in force.
+    /// Loads again if the files changed; on failure the previous value stays in force.
     pub fn reload(&self) {
-        if self.source.files().is_empty() {
+        let files = self.source.files();
+        if files.is_empty() {
+            return;
+        }
+        let digest = digest(&files);
+        if digest.is_some() && self.digest.load().as_deref() == digest.as_ref() {
+            debug!(pod = %self.pod, kind = S::KIND, "files unchanged: no reload");
             return;
         }
         match self.source.load() {
             Ok(value) => {
                 self.source.loaded(&self.pod, &value, Some(&self.current()));
                 self.current.store(Arc::new(value));
+                self.digest.store(digest.map(Arc::new));
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
@@ -110,14 +131,41 @@ impl<S: Source> Store<S> {
     }
 }
 
+/// The files' contents, hashed in order (`None` when one cannot be read: the load that
+/// follows reports why).
+fn digest(files: &[&Path]) -> Option<[u8; 32]> {
+    let mut h = Sha256::new();
+    for f in files {
+        let bytes = std::fs::read(f).ok()?;
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Some(h.finalize().into())
+}
+
+/// Whether a watch event on the directories names one of `names` (the watched files, and
+/// the ConfigMap `..data` link).
+fn concerns(event: &notify::Event, names: &[OsString]) -> bool {
+    !event.kind.is_access()
+        && event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| names.iter().any(|w| w.as_os_str() == n))
+        })
+}
+
 fn watch_dirs<S: Source>(
     files: &[&Path],
     name: String,
     target: Weak<Store<S>>,
 ) -> notify::Result<notify::RecommendedWatcher> {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let mut names: Vec<OsString> = files
+        .iter()
+        .filter_map(|p| p.file_name().map(OsString::from))
+        .collect();
+    names.push(K8S_DATA_LINK.into());
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok_and(|e| !e.kind.is_access()) {
+        if ev.is_ok_and(|e| concerns(&e, &names)) {
             let _ = tx.send(());
         }
     })?;
@@ -191,6 +239,7 @@ mod tests {
         store.reload();
         assert_eq!(*store.current(), "two");
         store.source().broken.store(true, Ordering::Relaxed);
+        std::fs::write(&path, "three").unwrap();
         store.reload();
         assert_eq!(
             *store.current(),
@@ -199,6 +248,74 @@ mod tests {
         );
         assert_eq!(store.reloads_ok.load(Ordering::Relaxed), 1);
         assert_eq!(store.reloads_failed.load(Ordering::Relaxed), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Long enough for the watcher and the debounce to have acted on anything written.
+    fn settle() {
+        std::thread::sleep(DEBOUNCE * 4);
+    }
+
+    #[test]
+    fn only_its_own_file_and_the_configmap_swap_reload() {
+        let dir = std::env::temp_dir().join(format!("store-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // The ConfigMap volume layout: v.txt -> ..data/v.txt, ..data -> ..v1.
+        std::fs::create_dir_all(dir.join("..v1")).unwrap();
+        std::fs::write(dir.join("..v1/v.txt"), "one").unwrap();
+        std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/v.txt", dir.join("v.txt")).unwrap();
+        let store = Store::load(
+            PodName::parse("p").unwrap(),
+            Text {
+                path: dir.join("v.txt"),
+                broken: AtomicBool::new(false),
+            },
+        )
+        .unwrap();
+        let _watcher = store.watch().unwrap().expect("a file to watch");
+        let reloads = || store.reloads_ok.load(Ordering::Relaxed);
+
+        // Ten writes to other files of the directory (a log file among them): no reload.
+        for i in 0..10 {
+            std::fs::write(dir.join(format!("other-{i}.log")), format!("line {i}")).unwrap();
+        }
+        settle();
+        assert_eq!(reloads(), 0, "unrelated files caused reloads");
+
+        // The same bytes written again: nothing to reload.
+        std::fs::write(dir.join("..v1/v.txt"), "one").unwrap();
+        std::fs::write(dir.join("v.txt"), "one").unwrap();
+        settle();
+        assert_eq!(reloads(), 0, "an unchanged file was reloaded");
+
+        // The kubelet's atomic update: a new version directory, a new link renamed over ..data.
+        std::fs::create_dir_all(dir.join("..v2")).unwrap();
+        std::fs::write(dir.join("..v2/v.txt"), "two").unwrap();
+        std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        wait_for("the ..data swap to reload", || reloads() == 1);
+        assert_eq!(*store.current(), "two");
+
+        // The file itself replaced by rename, as editors and `kubectl cp` do.
+        std::fs::write(dir.join("v.tmp"), "three").unwrap();
+        std::fs::remove_file(dir.join("v.txt")).unwrap();
+        std::fs::rename(dir.join("v.tmp"), dir.join("v.txt")).unwrap();
+        wait_for("the renamed file to reload", || reloads() == 2);
+        assert_eq!(*store.current(), "three");
+        settle();
+        assert_eq!(reloads(), 2, "one change reloaded more than once");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -475,11 +475,9 @@ pub fn sweep_stale() -> Vec<String> {
     };
     sweep_dir(&cgroup2_root(), &mut removed, &remove_cgroup_tree);
     // A container runtime's pods also have cgroups in the v1 hierarchies of hybrid hosts.
-    for m in crate::cri::kubelet::cgroup_mounts() {
+    for m in crate::sys::cgroup_mounts() {
         if m != cgroup2_root() {
-            sweep_dir(&m, &mut removed, &|d: &Path| {
-                crate::cri::kubelet::remove_cgroup_tree(d)
-            });
+            sweep_dir(&m, &mut removed, &crate::sys::remove_cgroup_dirs);
         }
     }
     sweep_dir(Path::new("/sys/fs/bpf"), &mut removed, &remove_pins);

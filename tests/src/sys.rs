@@ -114,3 +114,31 @@ pub(crate) fn run_id() -> String {
         .wrapping_add(SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(40503));
     format!("{:05x}", mix & 0xfffff)
 }
+
+/// Every cgroup hierarchy mounted here (v2, and the v1 controllers of hybrid hosts).
+pub(crate) fn cgroup_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let fstype = post.split_whitespace().next()?;
+            let mountpoint = pre.split_whitespace().nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mountpoint))
+        })
+        .collect()
+}
+
+/// Removes an empty cgroup directory tree, deepest first (the v1 hierarchies of a
+/// container runtime's pods, whose processes are already gone).
+pub(crate) fn remove_cgroup_dirs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_dirs(&e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}

@@ -30,7 +30,7 @@ pub use chain_cache::{key as chain_key, ChainCache};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {source} (issue the SVID there, e.g. `agent ca issue`, or point the pod's cert, key and bundle at existing files)")]
     Read {
         path: PathBuf,
         source: std::io::Error,

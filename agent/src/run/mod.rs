@@ -15,7 +15,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
 };
-use tracing::{error, info};
+use tracing::{info, warn};
 
 use crate::{
     admin::Admin,
@@ -99,7 +99,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         own_dir,
     );
     if let Err(e) = restore::restore(&mut node, cfg.pods.clone()).await {
-        error!(error = %e, "enrollment failed; releasing the pods enrolled so far");
+        // The cause is reported once, by the caller that exits with it.
+        warn!("enrollment failed; releasing the pods enrolled so far");
         finish(node, &cfg, std::time::Duration::ZERO).await;
         return Err(e);
     }

@@ -31,7 +31,10 @@ fn fmt_layer(format: LogFormat) -> FmtLayer {
             .with_current_span(false)
             .with_writer(std::io::stderr)
             .boxed(),
+        // Colour codes only for a person at a terminal: in a pipe, a file or a container
+        // log they are noise.
         LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed(),
     }

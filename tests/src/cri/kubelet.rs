@@ -25,6 +25,7 @@ use k8s_cri::v1::{
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Probe};
 
 use super::Cri;
+use crate::sys::{cgroup_mounts, remove_cgroup_dirs as remove_cgroup_tree};
 
 /// A pod the kubelet runs.
 pub struct RunningPod {
@@ -113,31 +114,6 @@ fn qos(pod: &Pod) -> &'static str {
 }
 
 /// Every cgroup hierarchy mounted here (v1 controllers and the v2 tree).
-pub(crate) fn cgroup_mounts() -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let fstype = post.split_whitespace().next()?;
-            let mountpoint = pre.split_whitespace().nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mountpoint))
-        })
-        .collect()
-}
-
-pub(crate) fn remove_cgroup_tree(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_cgroup_tree(&e.path());
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
-}
-
 impl Kubelet {
     /// A kubelet over `cri` whose cgroup root is `cgroup_root` (relative to the cgroup
     /// mounts; `""` is the kubelet's default, `/kubepods/...` at the top), with scratch

@@ -128,8 +128,8 @@ impl Drop for RuntimeNode {
         drop(self.containerd.take());
         run_quiet("ip", &["link", "del", &self.bridge]);
         // runc made the pods' cgroups in the v1 hierarchies too (this host is hybrid).
-        for m in super::kubelet::cgroup_mounts() {
-            super::kubelet::remove_cgroup_tree(&m.join(format!("simnode-{}", self.node.id)));
+        for m in crate::sys::cgroup_mounts() {
+            crate::sys::remove_cgroup_dirs(&m.join(format!("simnode-{}", self.node.id)));
         }
     }
 }
