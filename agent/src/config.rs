@@ -31,6 +31,11 @@ use crate::{
 const DEFAULT_DRAIN_MS: u64 = 5_000;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+const DEFAULT_HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// Envoy's default (60 KiB) rounded to a power of two.
+const DEFAULT_HTTP_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// hyper's own floor for its read buffer.
+const MIN_HTTP_MAX_HEADER_BYTES: usize = 8 * 1024;
 const DEFAULT_DETECT_TIMEOUT_MS: u64 = 1_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,11 @@ pub struct FileConfig {
     pub protocol_detect_timeout_ms: Option<u64>,
     /// How long a mutual TLS handshake may take, either side.
     pub handshake_timeout_ms: Option<u64>,
+    /// How long an inspected HTTP/1 client may take to send a request's headers (slow
+    /// senders are closed).
+    pub http_header_timeout_ms: Option<u64>,
+    /// The largest request head (HTTP/1) or header list (HTTP/2) inspected HTTP accepts.
+    pub http_max_header_bytes: Option<usize>,
     /// Where the agent records the pods it enrolled (re-adopted after a restart).
     pub state_dir: Option<PathBuf>,
     /// The policy of pods that name none (without one, such pods deny all inbound).
@@ -248,6 +258,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     #[serde(with = "millis")]
     pub protocol_detect_timeout: Duration,
+    #[serde(with = "millis")]
+    pub http_header_timeout: Duration,
+    pub http_max_header_bytes: usize,
     pub log_format: LogFormat,
     pub log_level: String,
     /// The pods of the file and the flags, enrolled at start.
@@ -373,6 +386,20 @@ impl Config {
             file.protocol_detect_timeout_ms,
             DEFAULT_DETECT_TIMEOUT_MS,
         )?;
+        let http_header_timeout = millis(
+            "http_header_timeout_ms",
+            file.http_header_timeout_ms,
+            DEFAULT_HTTP_HEADER_TIMEOUT_MS,
+        )?;
+        let http_max_header_bytes = file
+            .http_max_header_bytes
+            .unwrap_or(DEFAULT_HTTP_MAX_HEADER_BYTES);
+        if !(MIN_HTTP_MAX_HEADER_BYTES..=u32::MAX as usize).contains(&http_max_header_bytes) {
+            return Err(invalid(
+                "http_max_header_bytes",
+                format!("must be at least {MIN_HTTP_MAX_HEADER_BYTES} (and fit in 32 bits)"),
+            ));
+        }
         let log_level = args
             .log_level
             .clone()
@@ -466,6 +493,8 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),
             protocol_detect_timeout,
             handshake_timeout,
+            http_header_timeout,
+            http_max_header_bytes,
             outbound_port,
             inbound_port,
             probe_sources,

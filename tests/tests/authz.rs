@@ -5,7 +5,10 @@
 
 mod common;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use common::*;
 use serde_json::Value;
@@ -354,5 +357,91 @@ fn egress_rules_refuse_outbound_connections_before_any_upstream_connect() {
         WAIT,
     );
     assert_eq!(ok["policy_rule"], "b-web");
+    assert!(agent.stop().success());
+}
+
+/// Connects from the node to `to` and sends an HTTP request head one byte every 200 ms;
+/// returns how long the agent let it go on before closing, or `None` if it never did
+/// within `limit`.
+fn trickle_headers(to: std::net::SocketAddr, limit: Duration) -> Option<Duration> {
+    use std::io::{ErrorKind, Read, Write};
+    let head = b"GET /public HTTP/1.1\r\nhost: b\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let mut s = std::net::TcpStream::connect_timeout(&to, WAIT).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    for byte in head.iter().cycle() {
+        if start.elapsed() > limit {
+            return None;
+        }
+        if s.write_all(&[*byte]).is_err() {
+            return Some(start.elapsed());
+        }
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            // Closed, reset, or answered (a 408) before the close.
+            _ => return Some(start.elapsed()),
+        }
+    }
+    unreachable!("cycle never ends")
+}
+
+#[test]
+fn slow_headers_are_closed_at_the_header_timeout_and_huge_heads_refused() {
+    let Some(node) = node("authz_slowloris", &["b"]) else {
+        return;
+    };
+    let b = node.pod("b");
+    let srv = b.serve_http(&[8080]);
+    let policy = write_policy(
+        &node,
+        "b.yaml",
+        "default: deny\nrules:\n  - name: plain-http\n    action: allow\n    from: { unauthenticated: true }\n    http: { paths: [\"/*\"] }\n",
+    );
+    let cfg = AgentConfig::new(&node)
+        .value("http_header_timeout_ms", 1500)
+        .value("http_max_header_bytes", 16 * 1024)
+        .pod_extra(b, "closed", &format!("policy = \"{}\"", policy.display()));
+    let mut agent = Agent::start(&cfg);
+    // Five slow clients at once: each is closed soon after the timeout, none holds on.
+    let to = at(b, false, 8080);
+    let slow: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || trickle_headers(to, Duration::from_secs(10))))
+        .collect();
+    for (i, t) in slow.into_iter().enumerate() {
+        let held = t.join().unwrap();
+        let held = held.unwrap_or_else(|| panic!("slow client {i} was never closed"));
+        println!("slow client {i} closed after {held:?}");
+        assert!(
+            held >= Duration::from_millis(1000),
+            "client {i} closed before the timeout: {held:?}"
+        );
+    }
+    assert!(
+        srv.seen_http().is_empty(),
+        "a partial request reached the app"
+    );
+
+    // A head over the limit is refused with 431; one under it is served.
+    let big = format!("x-big: {}\r\n", "a".repeat(20 * 1024));
+    let answer = |extra: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&to, WAIT).expect("connect");
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        write!(
+            s,
+            "GET /public HTTP/1.1\r\nhost: b\r\nconnection: close\r\n{extra}\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let refused = answer(&big);
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused:?}");
+    let served = answer("x-small: a\r\n");
+    assert!(served.starts_with("HTTP/1.1 200"), "{served:?}");
+    assert_eq!(srv.seen_http().len(), 1, "the refused head reached the app");
     assert!(agent.stop().success());
 }

@@ -114,3 +114,32 @@ fn the_nested_ebpf_build_prints_no_warnings() {
         warnings.join("\n")
     );
 }
+
+#[test]
+fn the_open_files_soft_limit_is_raised_to_the_hard_limit_and_said() {
+    let Some(node) = node("output_nofile", &[]) else {
+        return;
+    };
+    // Started with a low soft limit, as a shell or a runtime may hand it over.
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=256:8192")
+        .arg("--")
+        .arg(workspace_bin("agent"));
+    let mut agent = simnode::Agent::start_cmd(cmd, &AgentConfig::new(&node));
+    let said = agent.wait_for(
+        "the open files limit line",
+        |e| e["message"] == "raised the open files soft limit to the hard limit",
+        WAIT,
+    );
+    assert_eq!(said["from"], 256, "{said}");
+    assert_eq!(said["to"], 8192, "{said}");
+    let pid = agent.pid().expect("agent pid");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<_> = line.split_whitespace().collect();
+    assert_eq!(&fields[3..5], ["8192", "8192"], "{line}");
+    assert!(agent.stop().success());
+}

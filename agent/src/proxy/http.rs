@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
 
@@ -74,7 +74,19 @@ where
     });
     let svc_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), req));
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let settings = &ctx.facts.shared.settings;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that trickles its headers (slowloris) is closed when the timeout passes; a
+    // head above the limit is answered 431 (HTTP/1) or refused by the HTTP/2 codec.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.http_header_timeout)
+        .max_buf_size(settings.http_max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.http_max_header_bytes).unwrap_or(u32::MAX));
     let result = builder.serve_connection(TokioIo::new(io), service).await;
     HttpOutcome {
         requests: ctx.requests.load(Ordering::Relaxed),

@@ -59,6 +59,10 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// How long a PERMISSIVE pod's inbound waits for a client's first bytes.
     pub detect_timeout: Duration,
+    /// How long an inspected HTTP/1 client may take to send a request's headers.
+    pub http_header_timeout: Duration,
+    /// The largest HTTP request head (HTTP/1) or header list (HTTP/2) accepted.
+    pub http_max_header_bytes: usize,
     /// Destinations here must answer mutual TLS.
     pub mesh_networks: Vec<ipnet::IpNet>,
     /// Known workloads' addresses (canonical) and identities: in the mesh wherever they are.

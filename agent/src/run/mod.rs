@@ -69,6 +69,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             connect_timeout: cfg.connect_timeout,
             handshake_timeout: cfg.handshake_timeout,
             detect_timeout: cfg.protocol_detect_timeout,
+            http_header_timeout: cfg.http_header_timeout,
+            http_max_header_bytes: cfg.http_max_header_bytes,
             mesh_networks: cfg.mesh_networks.clone(),
             known,
         },
@@ -162,11 +164,26 @@ async fn finish(node: Node, cfg: &Config, deadline: std::time::Duration) {
 
 /// Every proxied connection costs two descriptors; the usual soft limit of 1024 would cap
 /// the agent at ~500 connections.
+/// Every proxied connection holds two descriptors (more while it connects): the soft limit
+/// a process inherits (often 1024) is far below what a node's pods need, so it is raised to
+/// the hard limit, and the result said, since it bounds how many connections can be held.
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= hard {
+        info!(soft, hard, "open files limit already at the hard limit");
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => info!(
+            from = soft,
+            to = hard,
+            "raised the open files soft limit to the hard limit"
+        ),
+        Err(e) => {
+            warn!(soft, hard, error = %e, "cannot raise the open files soft limit; connections beyond it will be refused")
         }
     }
 }
