@@ -34,6 +34,8 @@ pub const MAP_INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
 pub const MAP_INBOUND_EXCLUDED_PORTS: &str = "INBOUND_EXCLUDED_PORTS";
 /// Ports of a pod that health probes may reach directly ([`PortKey`]).
 pub const MAP_PROBE_PORTS: &str = "PROBE_PORTS";
+/// (pod, port) -> 1: UDP a STRICT pod accepts on that local port, or from that remote port.
+pub const MAP_UDP_ALLOW_PORTS: &str = "UDP_ALLOW_PORTS";
 /// Node addresses that health probes come from (`[u8; 16]`).
 pub const MAP_PROBE_SOURCES: &str = "PROBE_SOURCES";
 
@@ -71,6 +73,8 @@ pub const POD_FLAG_FAIL_OPEN: u32 = 1 << 0;
 pub const POD_FLAG_BLOCK: u32 = 1 << 1;
 /// Splice the application-to-agent loopback hop in the kernel (sock_ops + sk_msg).
 pub const POD_FLAG_ACCELERATE: u32 = 1 << 2;
+/// STRICT mode: inbound UDP is dropped except the pod's `udp_allow_ports`.
+pub const POD_FLAG_STRICT: u32 = 1 << 3;
 
 pub const COUNTER_REDIRECTED: u32 = 0;
 pub const COUNTER_EXCLUDED_PORT: u32 = 1;
@@ -93,7 +97,11 @@ pub const COUNTER_SPLICE_FALLBACK: u32 = 17;
 /// sk_lookup saw a connection to an address of an enrolled pod that the agent has not
 /// learned yet (added moments ago): dropped, so the client retries once it is steered.
 pub const COUNTER_INBOUND_UNKNOWN_ADDRESS: u32 = 18;
-pub const NUM_COUNTERS: u32 = 19;
+/// Inbound UDP a STRICT pod (or an address not learned yet) does not accept.
+pub const COUNTER_UDP_INBOUND_DROPPED: u32 = 19;
+/// Inbound UDP to a STRICT pod let through by its `udp_allow_ports`.
+pub const COUNTER_UDP_INBOUND_ALLOWED: u32 = 20;
+pub const NUM_COUNTERS: u32 = 21;
 
 /// Human names of the counters, indexed like the `COUNTER_*` constants.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -116,6 +124,8 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "spliced_messages",
     "splice_fallback",
     "inbound_unknown_address",
+    "udp_inbound_dropped",
+    "udp_inbound_allowed",
 ];
 
 /// What the kernel needs to know about an enrolled pod.

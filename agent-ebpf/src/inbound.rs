@@ -2,6 +2,12 @@
 //! connections to the pod's addresses to the agent's inbound listener, keeping the original
 //! local address, so the proxy learns the application port from `getsockname()` without any
 //! port change or DNAT.
+//!
+//! UDP: the kernel looks up connected sockets before it runs sk_lookup, so replies to an
+//! application's connected UDP socket never reach this program. Every other datagram to a
+//! STRICT pod is dropped unless its local port (a service the pod offers) or its remote
+//! port (replies from a service it uses, such as DNS on 53, to an unconnected socket) is
+//! one of the pod's `udp_allow_ports`.
 
 use core::ptr::{addr_of, read_volatile};
 
@@ -9,15 +15,16 @@ use agent_common::{
     inbound_listener_index, v4_mapped, PortKey, AGENT_APP_SRC4, AGENT_APP_SRC6,
     COUNTER_INBOUND_AGENT_TO_APP, COUNTER_INBOUND_EXCLUDED, COUNTER_INBOUND_NO_LISTENER,
     COUNTER_INBOUND_PROBE, COUNTER_INBOUND_STEERED, COUNTER_INBOUND_UNKNOWN_ADDRESS,
-    POD_FLAG_FAIL_OPEN,
+    COUNTER_UDP_INBOUND_ALLOWED, COUNTER_UDP_INBOUND_DROPPED, POD_FLAG_FAIL_OPEN, POD_FLAG_STRICT,
 };
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 
 use crate::{
     maps::{
         bump, INBOUND_EXCLUDED_PORTS, INBOUND_LISTENERS, POD_ADDRS, PROBE_PORTS, PROBE_SOURCES,
+        UDP_ALLOW_PORTS,
     },
-    words_to_bytes, AF_INET, IPPROTO_TCP,
+    words_to_bytes, AF_INET, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 /// sk_lookup verdicts.
@@ -50,9 +57,10 @@ fn try_steer_inbound(ctx: &SkLookupContext) -> u32 {
         lw[i] = unsafe { read_volatile(addr_of!((*l).local_ip6[i])) };
         rw[i] = unsafe { read_volatile(addr_of!((*l).remote_ip6[i])) };
     }
-    // local_port is in host byte order.
+    // local_port is in host byte order; remote_port is in network byte order.
     let port = unsafe { read_volatile(addr_of!((*l).local_port)) } as u16;
-    if protocol != IPPROTO_TCP {
+    let remote_port = u16::from_be(unsafe { read_volatile(addr_of!((*l).remote_port)) });
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return SK_PASS;
     }
     let v4 = family == AF_INET;
@@ -61,6 +69,9 @@ fn try_steer_inbound(ctx: &SkLookupContext) -> u32 {
     } else {
         (words_to_bytes(lw), words_to_bytes(rw))
     };
+    if protocol == IPPROTO_UDP {
+        return udp_verdict(&local, port, remote_port);
+    }
     // This program runs only in enrolled pods' namespaces, so every non-loopback local
     // address is the pod's. One the agent has not learned yet (added a moment ago) is
     // dropped, never passed: the client's SYN is retried once the agent steers it.
@@ -101,6 +112,36 @@ fn try_steer_inbound(ctx: &SkLookupContext) -> u32 {
     } else {
         SK_DROP
     }
+}
+
+/// A datagram to one of the namespace's addresses, not for a connected socket.
+#[inline(always)]
+fn udp_verdict(local: &[u8; 16], port: u16, remote_port: u16) -> u32 {
+    let Some(pod) = POD_ADDRS.get_ptr(*local) else {
+        if is_loopback(local) {
+            return SK_PASS;
+        }
+        // As for TCP: an address the agent has not learned yet is not let through.
+        bump(COUNTER_UDP_INBOUND_DROPPED);
+        return SK_DROP;
+    };
+    // SAFETY: map value pointer valid for this program run.
+    let pod = unsafe { *pod };
+    if pod.flags & POD_FLAG_STRICT == 0 {
+        return SK_PASS;
+    }
+    if UDP_ALLOW_PORTS
+        .get_ptr(PortKey::new(pod.pod_id, port))
+        .is_some()
+        || UDP_ALLOW_PORTS
+            .get_ptr(PortKey::new(pod.pod_id, remote_port))
+            .is_some()
+    {
+        bump(COUNTER_UDP_INBOUND_ALLOWED);
+        return SK_PASS;
+    }
+    bump(COUNTER_UDP_INBOUND_DROPPED);
+    SK_DROP
 }
 
 /// 127.0.0.0/8 (stored IPv4-mapped) or ::1. Loopback traffic never arrives from the

@@ -53,6 +53,7 @@ use maps::{
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 pub(crate) const IPPROTO_TCP: u32 = 6;
+pub(crate) const IPPROTO_UDP: u32 = 17;
 pub(crate) const AF_INET: u32 = 2;
 pub(crate) const AF_INET6: u32 = 10;
 

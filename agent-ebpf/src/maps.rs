@@ -50,6 +50,9 @@ pub static INBOUND_EXCLUDED_PORTS: HashMap<PortKey, u32> =
 pub static PROBE_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PODS * 16, 0);
 
 #[map]
+pub static UDP_ALLOW_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PODS * 16, 0);
+
+#[map]
 pub static PROBE_SOURCES: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
 
 /// Both ends of every accelerated app-to-agent connection on the node.

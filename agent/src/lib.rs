@@ -17,6 +17,8 @@ pub mod cni;
 pub mod config;
 pub mod crypto;
 pub mod ebpf;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod identity;
 pub mod k8s;
 pub mod netns;

@@ -28,7 +28,7 @@ enum Cmd {
     /// fail-closed until `agent run --sidecar` adopts them).
     Init(config::RunArgs),
     /// Enroll a pod into the running agent (the same checks as a [[pod]] of the config).
-    Enroll(EnrollArgs),
+    Enroll(Box<EnrollArgs>),
     /// Release a pod: drain its connections, then honour its fail mode.
     Release {
         name: String,
@@ -177,6 +177,9 @@ struct EnrollArgs {
     /// A port health probes from the node reach directly (repeatable).
     #[arg(long = "probe-port")]
     probe_ports: Vec<u16>,
+    /// STRICT pods: a UDP port accepted inbound, or replied from (repeatable).
+    #[arg(long = "udp-allow-port")]
+    udp_allow_ports: Vec<u16>,
     /// ebpf or iptables.
     #[arg(long, default_value = "ebpf")]
     redirect: Redirect,
@@ -200,6 +203,7 @@ impl EnrollArgs {
             exclude_cidrs: self.exclude_cidrs.clone(),
             exclude_inbound_ports: self.exclude_inbound_ports.clone(),
             probe_ports: self.probe_ports.clone(),
+            udp_allow_ports: self.udp_allow_ports.clone(),
             mode: self.mode,
             cert: opt(&self.cert),
             key: opt(&self.key),

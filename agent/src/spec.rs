@@ -44,6 +44,10 @@ pub struct PodRequest {
     /// Ports that health probes from the node's `probe_sources` reach directly.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probe_ports: Vec<u16>,
+    /// STRICT pods: UDP accepted on these local ports, or from these remote ports (DNS
+    /// replies from 53); all other inbound UDP is dropped in the kernel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub udp_allow_ports: Vec<u16>,
     #[serde(default)]
     pub mode: Mode,
     /// The pod's SVID: certificate chain, private key and trust bundle (PEM files)...
@@ -91,6 +95,7 @@ pub struct PodSpec {
     pub exclude_cidrs: Vec<IpNet>,
     pub exclude_inbound_ports: Vec<u16>,
     pub probe_ports: Vec<u16>,
+    pub udp_allow_ports: Vec<u16>,
     pub mode: Mode,
     pub identity: Option<IdentityFiles>,
     /// The pod's own policy, else the node's default policy, else none (deny all).
@@ -159,6 +164,7 @@ impl PodRequest {
             ("exclude_ports", &self.exclude_ports),
             ("exclude_inbound_ports", &self.exclude_inbound_ports),
             ("probe_ports", &self.probe_ports),
+            ("udp_allow_ports", &self.udp_allow_ports),
         ] {
             if let Some(j) = ports.iter().position(|p| *p == 0) {
                 return Err(invalid(
@@ -234,6 +240,7 @@ impl PodRequest {
             exclude_cidrs,
             exclude_inbound_ports: sorted(&self.exclude_inbound_ports),
             probe_ports: sorted(&self.probe_ports),
+            udp_allow_ports: sorted(&self.udp_allow_ports),
             mode: self.mode,
             identity,
             policy: self.policy.clone().or_else(|| defaults.policy.clone()),
@@ -281,6 +288,11 @@ impl PodSpec {
             "probe_ports",
             dbg(&self.probe_ports),
             dbg(&other.probe_ports),
+        );
+        cmp(
+            "udp_allow_ports",
+            dbg(&self.udp_allow_ports),
+            dbg(&other.udp_allow_ports),
         );
         cmp("mode", dbg(&self.mode), dbg(&other.mode));
         let id = |i: &Option<IdentityFiles>| {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod sh;
 
@@ -25,6 +26,15 @@ enum Cmd {
     Test,
     /// Run the agent on a simulated two-pod node and show what it intercepted.
     Demo,
+    /// The cargo-fuzz targets (policy, config, detect, http, admin), each for a bounded
+    /// time after replaying its regression inputs.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets.
+        targets: Vec<String>,
+    },
     /// The agent's OCI image (agent + agent-cni), as an archive for `ctr images import`.
     Image {
         /// From the debug build instead of an optimized one.
@@ -67,6 +77,10 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
         Cmd::Test => test(),
+        Cmd::Fuzz { seconds, targets } => {
+            setup::run()?;
+            fuzz::run(seconds, &targets).map(|_| ())
+        }
         Cmd::Image { debug } => {
             setup::run()?;
             let profile = if debug { "debug" } else { "release" };
@@ -158,6 +172,9 @@ fn build_bins() -> Result<()> {
     )
 }
 
+/// Seconds per fuzz target in the test command (the long runs are in docs/reliability.md).
+const FUZZ_SECONDS: u64 = 30;
+
 fn test() -> Result<()> {
     setup::run()?;
     demo::sweep_stale();
@@ -205,6 +222,12 @@ fn test() -> Result<()> {
         rounds: None,
     };
     bench::run(&quick).context("the quick benchmark failed")?;
-    println!("xtask test: {passed} passed, {failed} failed");
+    // Every parser a peer or an operator can feed, fuzzed for a bounded time.
+    let fuzzed = fuzz::run(FUZZ_SECONDS, &[]).context("fuzzing failed")?;
+    let inputs: u64 = fuzzed.iter().map(|o| o.runs).sum();
+    println!(
+        "xtask test: {passed} passed, {failed} failed; fuzzed {} targets ({inputs} inputs), no crash",
+        fuzzed.len()
+    );
     Ok(())
 }

@@ -43,6 +43,7 @@ pub fn run() -> Result<()> {
     apt_install(&llvm_refs, &mut apt_updated)?;
     apt_install(TOOL_PACKAGES, &mut apt_updated)?;
     bpf_linker(llvm)?;
+    cargo_fuzz()?;
     link_toolchain()?;
     mount_bpffs()?;
     println!("setup: ready (Debian rustc with LLVM {llvm}, bpf-linker, toolchain `{EBPF_TOOLCHAIN}`, bpffs)");
@@ -120,6 +121,31 @@ fn apt_install(pkgs: &[&str], updated: &mut bool) -> Result<()> {
         )
     })
 }
+
+/// cargo-fuzz, for `cargo xtask fuzz` (and the test command's bounded fuzzing).
+fn cargo_fuzz() -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} from crates.io (about a minute)");
+    sh::run(
+        "cargo",
+        &[
+            "install",
+            "--locked",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ],
+    )
+    .context("installing cargo-fuzz failed (output above); is crates.io reachable?")
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// The LLVM major version Debian's rustc was built with; bpf-linker must match it.
 fn debian_llvm_major() -> Result<u32> {

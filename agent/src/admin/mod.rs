@@ -281,34 +281,20 @@ impl Admin {
             (Method::GET, "/status") => reply(StatusCode::OK, &self.status()),
             (Method::GET, "/pods") => reply(StatusCode::OK, &self.pods_json()),
             (Method::POST, "/pods") => {
-                let body = body_text(req).await;
-                let request: PodRequest = match serde_json::from_str(&body) {
+                let request: Box<PodRequest> = match parse_body("a pod request", req).await {
                     Ok(r) => r,
-                    Err(e) => {
-                        return reply(
-                            StatusCode::BAD_REQUEST,
-                            &json!({"error": format!("not a pod request: {e}")}),
-                        )
-                    }
+                    Err(resp) => return resp,
                 };
-                let request = Box::new(request);
                 let result = self
                     .control(|reply| Control::Enroll { request, reply })
                     .await;
                 control_reply(result)
             }
             (Method::POST, "/cni") => {
-                let body = body_text(req).await;
-                let request: crate::cni::CniRequest = match serde_json::from_str(&body) {
+                let request = match parse_body("a CNI request", req).await {
                     Ok(r) => r,
-                    Err(e) => {
-                        return reply(
-                            StatusCode::BAD_REQUEST,
-                            &json!({"error": format!("not a CNI request: {e}")}),
-                        )
-                    }
+                    Err(resp) => return resp,
                 };
-                let request = Box::new(request);
                 control_reply(self.control(|reply| Control::Cni { request, reply }).await)
             }
             (Method::DELETE, p) if p.starts_with("/pods/") => {
@@ -548,15 +534,36 @@ impl Admin {
     }
 }
 
-/// A small request body as trimmed text (empty when unreadable).
+/// The most a request body may hold; enrolment and CNI requests are a few KiB.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// A small request body as trimmed text (empty when unreadable or over [`MAX_BODY`]).
 async fn body_text(req: Request<Incoming>) -> String {
-    let body = req
-        .into_body()
+    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     String::from_utf8_lossy(&body).trim().to_string()
+}
+
+/// A JSON request body as `T`, or the 400 reply that says why it is not `what`.
+async fn parse_body<T: serde::de::DeserializeOwned>(
+    what: &str,
+    req: Request<Incoming>,
+) -> Result<Box<T>, Response<Full<Bytes>>> {
+    parse_json(what, &body_text(req).await)
+        .map_err(|e| reply(StatusCode::BAD_REQUEST, &json!({ "error": e })))
+}
+
+/// The admin API's parsing of a JSON request body (also what the fuzzer drives).
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    what: &str,
+    body: &str,
+) -> Result<Box<T>, String> {
+    serde_json::from_str(body)
+        .map(Box::new)
+        .map_err(|e| format!("not {what}: {e}"))
 }
 
 fn unix_now() -> i64 {

@@ -69,6 +69,7 @@ impl Kernel {
             in_ports: take_map(&mut ebpf, MAP_INBOUND_EXCLUDED_PORTS)?,
             probe_ports: take_map(&mut ebpf, MAP_PROBE_PORTS)?,
             probe_sources: take_map(&mut ebpf, MAP_PROBE_SOURCES)?,
+            udp_ports: take_map(&mut ebpf, agent_common::MAP_UDP_ALLOW_PORTS)?,
         })?;
         let listeners = InboundListeners::new(take_map(&mut ebpf, MAP_INBOUND_LISTENERS)?)?;
         let orig_dst = OrigDstTable::new(take_map(&mut ebpf, MAP_ORIG_DST)?)?;

@@ -62,6 +62,7 @@ pub struct PodEntry {
     pub outbound_excluded_cidrs: Vec<IpNet>,
     pub inbound_excluded_ports: Vec<u16>,
     pub probe_ports: Vec<u16>,
+    pub udp_allow_ports: Vec<u16>,
 }
 
 /// Per-pod state in the kernel, plus the node-wide agent cgroups and probe sources.
@@ -74,6 +75,7 @@ pub struct PodTable {
     in_ports: HashMap<MapData, PortKey, u32>,
     probe_ports: HashMap<MapData, PortKey, u32>,
     probe_sources: HashMap<MapData, [u8; 16], u32>,
+    udp_ports: HashMap<MapData, PortKey, u32>,
 }
 
 /// The maps behind a [`PodTable`], by name.
@@ -86,6 +88,7 @@ pub(super) struct PodMaps {
     pub in_ports: Named,
     pub probe_ports: Named,
     pub probe_sources: Named,
+    pub udp_ports: Named,
 }
 
 impl PodTable {
@@ -99,6 +102,7 @@ impl PodTable {
             in_ports: typed(m.in_ports)?,
             probe_ports: typed(m.probe_ports)?,
             probe_sources: typed(m.probe_sources)?,
+            udp_ports: typed(m.udp_ports)?,
         })
     }
 
@@ -145,6 +149,11 @@ impl PodTable {
                 .insert(PortKey::new(id, *port), 1, 0)
                 .map_err(map_err(agent_common::MAP_PROBE_PORTS))?;
         }
+        for port in &e.udp_allow_ports {
+            self.udp_ports
+                .insert(PortKey::new(id, *port), 1, 0)
+                .map_err(map_err(agent_common::MAP_UDP_ALLOW_PORTS))?;
+        }
         self.set_config(e.netns_cookie, e.config)
     }
 
@@ -186,6 +195,9 @@ impl PodTable {
         }
         for port in &e.probe_ports {
             let _ = self.probe_ports.remove(&PortKey::new(id, *port));
+        }
+        for port in &e.udp_allow_ports {
+            let _ = self.udp_ports.remove(&PortKey::new(id, *port));
         }
     }
 }

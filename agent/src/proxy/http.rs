@@ -74,7 +74,19 @@ where
     });
     let svc_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), req));
-    let settings = &ctx.facts.shared.settings;
+    let builder = server(&ctx.facts.shared.settings);
+    let result = builder.serve_connection(TokioIo::new(io), service).await;
+    HttpOutcome {
+        requests: ctx.requests.load(Ordering::Relaxed),
+        denied: ctx.denied.load(Ordering::Relaxed),
+        error: result.err().map(|e| e.to_string()),
+    }
+}
+
+/// The HTTP server every inspected connection is served by, with its limits.
+pub(crate) fn server(
+    settings: &super::Settings,
+) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A client that trickles its headers (slowloris) is closed when the timeout passes; a
     // head above the limit is answered 431 (HTTP/1) or refused by the HTTP/2 codec.
@@ -87,12 +99,35 @@ where
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.http_max_header_bytes).unwrap_or(u32::MAX));
-    let result = builder.serve_connection(TokioIo::new(io), service).await;
-    HttpOutcome {
-        requests: ctx.requests.load(Ordering::Relaxed),
-        denied: ctx.denied.load(Ordering::Relaxed),
-        error: result.err().map(|e| e.to_string()),
-    }
+    builder
+}
+
+/// The policy's decision on one request.
+pub(crate) fn decide<B>(
+    policy: &crate::authz::Policy,
+    caller: Caller<'_>,
+    dst: OrigDstAddr,
+    req: &Request<B>,
+    trust_domain: &str,
+) -> Result<crate::authz::Permit, crate::authz::Denial> {
+    let headers = req.headers();
+    let has_header = |name: &str, value: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v == value))
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    policy.authorize_request(
+        caller,
+        dst,
+        &AuthzRequest {
+            method: req.method().as_str(),
+            path,
+            has_header: &has_header,
+        },
+        trust_domain,
+    )
 }
 
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -102,24 +137,8 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         peer: ctx.facts.peer.as_ref(),
         client: ctx.facts.client,
     };
-    let headers = req.headers();
-    let has_header = |name: &str, value: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v == value))
-    };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let decision = policy.authorize_request(
-        caller,
-        ctx.facts.dst,
-        &AuthzRequest {
-            method: req.method().as_str(),
-            path,
-            has_header: &has_header,
-        },
-        &ctx.trust_domain,
-    );
+    let decision = decide(&policy, caller, ctx.facts.dst, &req, &ctx.trust_domain);
     let metrics = &ctx.facts.shared.metrics;
     let pod = &ctx.facts.pod.name;
     let permit = match decision {

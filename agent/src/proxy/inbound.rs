@@ -52,30 +52,9 @@ async fn detect(stream: &TcpStream, wait: Duration) -> FirstBytes {
             Ok(Err(_)) | Ok(Ok(0)) => return FirstBytes::Closed,
             Ok(Ok(n)) => n,
         };
-        // 0x16: a TLS handshake record.
-        if buf[0] != 0x16 {
-            return FirstBytes::Seen(Detected::Plaintext);
-        }
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut rd = &buf[..n];
-        while !rd.is_empty() {
-            if acceptor.read_tls(&mut rd).is_err() {
-                return FirstBytes::Seen(Detected::Plaintext);
-            }
-        }
-        match acceptor.accept() {
-            Ok(Some(accepted)) => {
-                let ours = accepted
-                    .client_hello()
-                    .alpn()
-                    .is_some_and(|mut protos| protos.any(|p| p == crate::tls::ALPN));
-                return FirstBytes::Seen(if ours {
-                    Detected::AgentTls
-                } else {
-                    Detected::Plaintext
-                });
-            }
-            Ok(None) if n < buf.len() => {
+        match classify(&buf[..n], n < buf.len()) {
+            Some(d) => return FirstBytes::Seen(d),
+            None => {
                 // The ClientHello is still arriving; peek returns at once while any byte
                 // is queued, so wait a little before looking again.
                 if tokio::time::Instant::now() >= deadline {
@@ -83,8 +62,39 @@ async fn detect(stream: &TcpStream, wait: Duration) -> FirstBytes {
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            _ => return FirstBytes::Seen(Detected::Plaintext),
         }
+    }
+}
+
+/// What a connection's first bytes say: the agent's TLS (a ClientHello offering its ALPN)
+/// or anything else; `None` while a ClientHello is still arriving and `more` can come.
+pub fn classify(first: &[u8], more: bool) -> Option<Detected> {
+    // 0x16: a TLS handshake record.
+    if first.first() != Some(&0x16) {
+        return Some(Detected::Plaintext);
+    }
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd = first;
+    while !rd.is_empty() {
+        match acceptor.read_tls(&mut rd) {
+            Ok(0) | Err(_) => return Some(Detected::Plaintext),
+            Ok(_) => {}
+        }
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => {
+            let ours = accepted
+                .client_hello()
+                .alpn()
+                .is_some_and(|mut protos| protos.any(|p| p == crate::tls::ALPN));
+            Some(if ours {
+                Detected::AgentTls
+            } else {
+                Detected::Plaintext
+            })
+        }
+        Ok(None) if more => None,
+        _ => Some(Detected::Plaintext),
     }
 }
 

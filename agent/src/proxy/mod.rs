@@ -6,7 +6,7 @@
 //! [`crate::authz::Permit`] or [`crate::authz::Denial`] naming its rule. The access record
 //! (`telemetry::access`) is handed the same values; nothing is read back from it.
 
-mod http;
+pub(crate) mod http;
 pub mod inbound;
 pub mod outbound;
 

@@ -16,6 +16,7 @@ use std::{
 
 use agent_common::{
     PodConfig as KernelPod, POD_FLAG_ACCELERATE, POD_FLAG_BLOCK, POD_FLAG_FAIL_OPEN,
+    POD_FLAG_STRICT,
 };
 use aya::programs::links::FdLink;
 use serde_json::json;
@@ -32,7 +33,7 @@ use crate::{
     spec::{PodDefaults, PodSpec},
     state::{Origin, Record, StateDir, Status},
     tls::Expected,
-    types::{Direction, FailMode, PodId, PodName, Redirect},
+    types::{Direction, FailMode, Mode, PodId, PodName, Redirect},
 };
 
 /// The node-wide settings enrolment needs.
@@ -1076,6 +1077,9 @@ pub(super) fn kernel_entry(spec: &PodSpec, id: PodId, cookie: u64, outbound_port
     if spec.accelerate {
         flags |= POD_FLAG_ACCELERATE;
     }
+    if spec.mode == Mode::Strict {
+        flags |= POD_FLAG_STRICT;
+    }
     PodEntry {
         netns_cookie: cookie,
         config: KernelPod {
@@ -1088,6 +1092,7 @@ pub(super) fn kernel_entry(spec: &PodSpec, id: PodId, cookie: u64, outbound_port
         outbound_excluded_cidrs: spec.exclude_cidrs.clone(),
         inbound_excluded_ports: spec.exclude_inbound_ports.clone(),
         probe_ports: spec.probe_ports.clone(),
+        udp_allow_ports: spec.udp_allow_ports.clone(),
     }
 }
 

@@ -1,0 +1,139 @@
+//! UDP to enrolled pods: a STRICT pod drops inbound datagrams in the kernel except on its
+//! `udp_allow_ports` (and replies to its own connected sockets); a PERMISSIVE pod's UDP is
+//! left alone. Both outcomes are counted.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use common::*;
+use simnode::{pki::DevCa, Agent, AgentConfig, Pod};
+
+const TD: &str = "spiffe://td.test/ns/default/sa";
+
+/// A UDP echo server on `port` of both the pod's addresses, for `for_how_long`.
+fn udp_echo(pod: &Pod, port: u16, for_how_long: Duration) {
+    for v6 in [false, true] {
+        let addr = at(pod, v6, port);
+        pod.in_netns(move || {
+            let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let until = std::time::Instant::now() + for_how_long;
+            let mut buf = [0u8; 1500];
+            while std::time::Instant::now() < until {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&buf[..n], from);
+                }
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// Sends one datagram from the node to `to` and says whether the echo came back (three
+/// tries, a datagram may be lost).
+fn echoed(to: SocketAddr) -> bool {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .unwrap();
+    let s = UdpSocket::bind(bind).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    (0..3).any(|_| {
+        s.send_to(b"ping", to).is_ok()
+            && s.recv_from(&mut buf)
+                .is_ok_and(|(n, _)| &buf[..n] == b"ping")
+    })
+}
+
+fn counters(node: &simnode::Node) -> serde_json::Value {
+    let maps = std::process::Command::new(simnode::workspace_bin("agent"))
+        .args(["maps", "-o", "json", "--pin-root"])
+        .arg(node.pin_root())
+        .output()
+        .expect("agent maps");
+    let v: serde_json::Value = serde_json::from_slice(&maps.stdout).expect("maps JSON");
+    v["COUNTERS"].clone()
+}
+
+#[test]
+fn strict_pods_drop_inbound_udp_except_allowed_ports_and_permissive_pods_are_untouched() {
+    let Some(node) = node("udp_inbound", &["s", "p"]) else {
+        return;
+    };
+    let (s, p) = (node.pod("s"), node.pod("p"));
+    let ca = DevCa::new(&node.tmp().join("ca"));
+    let ss = ca.issue(&format!("{TD}/s"), &node.tmp().join("s"), false);
+    let allow = node.tmp().join("allow-all.yaml");
+    let mut strict = toml::Table::new();
+    strict.extend(
+        ss.toml_strict(&allow)
+            .parse::<toml::Table>()
+            .expect("the SVID's TOML"),
+    );
+    strict.insert("udp_allow_ports".into(), vec![5353].into());
+    let cfg = AgentConfig::new(&node)
+        .pod_table(s, "closed", strict)
+        .pod(p, "open");
+    let mut agent = Agent::start(&cfg);
+    let run = Duration::from_secs(20);
+    for pod in [s, p] {
+        udp_echo(pod, 9000, run);
+        udp_echo(pod, 5353, run);
+    }
+    for v6 in [false, true] {
+        assert!(
+            !echoed(at(s, v6, 9000)),
+            "plaintext UDP from the node reached the STRICT pod's port 9000 (v6={v6})"
+        );
+        assert!(
+            echoed(at(s, v6, 5353)),
+            "the STRICT pod's allowed UDP port 5353 is unreachable (v6={v6})"
+        );
+        assert!(
+            echoed(at(p, v6, 9000)),
+            "the PERMISSIVE pod's UDP was touched (v6={v6})"
+        );
+    }
+    // Replies to the STRICT pod's own connected socket come back on any port.
+    let server = UdpSocket::bind(SocketAddr::new(node.ip4().into(), 0)).unwrap();
+    let server_addr = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let src = at(s, false, 0);
+    let replied = s
+        .in_netns(move || {
+            let c = UdpSocket::bind(src).unwrap();
+            c.connect(server_addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            (0..3).any(|_| c.send(b"query").is_ok() && c.recv(&mut buf).is_ok())
+        })
+        .join()
+        .unwrap();
+    assert!(
+        replied,
+        "a reply to the STRICT pod's connected UDP socket was dropped"
+    );
+    let c = counters(&node);
+    assert!(c["udp_inbound_dropped"].as_u64() >= Some(2), "{c}");
+    assert!(c["udp_inbound_allowed"].as_u64() >= Some(2), "{c}");
+    println!(
+        "kernel UDP counters: dropped {}, allowed {}",
+        c["udp_inbound_dropped"], c["udp_inbound_allowed"]
+    );
+    assert!(agent.stop().success());
+}
