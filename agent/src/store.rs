@@ -7,8 +7,8 @@
 //! misses. Only events naming one of the source's own files, or the `..data` symlink that
 //! a ConfigMap or Secret mount swaps atomically, count: other files in the directory (a log
 //! file, an editor's swap file) never cause a reload. Events are debounced because writers
-//! replace related files in separate steps, and a reload whose files read the same bytes as
-//! the value in force is skipped.
+//! replace related files in separate steps, and a watch event whose files read the same
+//! bytes as the value in force causes no reload (SIGHUP always reloads).
 //! Readers get an `Arc` of the current value without taking a lock (`arc-swap`), so the
 //! accept path never waits for a reload.
 
@@ -94,8 +94,17 @@ impl<S: Source> Store<S> {
         &self.source
     }
 
-    /// Loads again if the files changed; on failure the previous value stays in force.
+    /// Loads again (an operator's SIGHUP); on failure the previous value stays in force.
     pub fn reload(&self) {
+        let files = self.source.files();
+        if files.is_empty() {
+            return;
+        }
+        self.load_again(digest(&files));
+    }
+
+    /// Loads again if the files' contents changed (a watch event).
+    fn reload_if_changed(&self) {
         let files = self.source.files();
         if files.is_empty() {
             return;
@@ -105,6 +114,10 @@ impl<S: Source> Store<S> {
             debug!(pod = %self.pod, kind = S::KIND, "files unchanged: no reload");
             return;
         }
+        self.load_again(digest);
+    }
+
+    fn load_again(&self, digest: Option<[u8; 32]>) {
         match self.source.load() {
             Ok(value) => {
                 self.source.loaded(&self.pod, &value, Some(&self.current()));
@@ -185,7 +198,7 @@ fn watch_dirs<S: Source>(
                 let Some(target) = target.upgrade() else {
                     return;
                 };
-                target.reload();
+                target.reload_if_changed();
             }
         })
         .map_err(|e| notify::Error::generic(&e.to_string()))?;
