@@ -140,6 +140,22 @@ impl Node {
         &self.pin_root
     }
 
+    /// The kernel maps of this node's agent as `agent maps -o json` reads them from its
+    /// pins (it works while the agent is down, too).
+    pub fn kernel_maps(&self) -> serde_json::Value {
+        let out = Command::new(crate::workspace_bin("agent"))
+            .args(["maps", "-o", "json", "--pin-root"])
+            .arg(&self.pin_root)
+            .output()
+            .expect("run agent maps");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "agent maps printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     /// Where the agent of this node serves its admin API.
     pub fn admin_socket(&self) -> PathBuf {
         self.tmp.join("admin.sock")

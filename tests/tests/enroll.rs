@@ -306,12 +306,7 @@ fn a_pod_whose_netns_is_deleted_is_released_by_the_agent_and_nothing_is_left() {
         "a's record is left"
     );
     assert!(pod_view(&agent, "a").is_none());
-    let dump = std::process::Command::new(simnode::workspace_bin("agent"))
-        .args(["maps", "-o", "json", "--pin-root"])
-        .arg(node.pin_root())
-        .output()
-        .expect("agent maps");
-    let v: Value = serde_json::from_slice(&dump.stdout).expect("maps JSON");
+    let v = node.kernel_maps();
     assert_eq!(
         v["POD_CONFIG"].as_array().map(Vec::len),
         Some(1),

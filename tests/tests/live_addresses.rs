@@ -128,12 +128,7 @@ fn with_no_agent_an_address_added_to_a_fail_closed_pod_is_dropped_by_the_kernel(
         r.ok, 0,
         "an unknown address of a fail-closed pod passed: {r:?}"
     );
-    let maps = std::process::Command::new(simnode::workspace_bin("agent"))
-        .args(["maps", "-o", "json", "--pin-root"])
-        .arg(node.pin_root())
-        .output()
-        .expect("agent maps");
-    let v: serde_json::Value = serde_json::from_slice(&maps.stdout).expect("maps JSON");
+    let v = node.kernel_maps();
     assert!(
         v["COUNTERS"]["inbound_unknown_address"].as_u64() >= Some(1),
         "the kernel did not count the drop: {}",

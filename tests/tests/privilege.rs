@@ -63,17 +63,16 @@ fn a_non_root_process_in_an_enrolled_pod_cannot_read_keys_or_use_the_admin_socke
     assert!(!out.contains("PRIVATE KEY"), "{out}");
 
     let sock = socket.display().to_string();
-    let (code, out) = as_nobody(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "5",
-            "--unix-socket",
-            &sock,
-            "http://agent/status",
-        ],
-    );
+    // The same request both times: only who asks differs.
+    let status_request = [
+        "-sS",
+        "--max-time",
+        "5",
+        "--unix-socket",
+        &sock,
+        "http://agent/status",
+    ];
+    let (code, out) = as_nobody("curl", &status_request);
     assert_ne!(code, Some(0), "nobody reached the admin API: {out}");
     assert!(
         out.contains("Permission denied") || out.contains("Couldn't connect"),
@@ -81,14 +80,7 @@ fn a_non_root_process_in_an_enrolled_pod_cannot_read_keys_or_use_the_admin_socke
     );
     // The same request as root works, so the refusal above is the permission, not the URL.
     let root = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            "--unix-socket",
-            &sock,
-            "http://agent/status",
-        ])
+        .args(status_request)
         .output()
         .unwrap();
     assert!(root.status.success(), "{root:?}");

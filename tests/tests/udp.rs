@@ -51,16 +51,6 @@ fn echoed(to: SocketAddr) -> bool {
     })
 }
 
-fn counters(node: &simnode::Node) -> serde_json::Value {
-    let maps = std::process::Command::new(simnode::workspace_bin("agent"))
-        .args(["maps", "-o", "json", "--pin-root"])
-        .arg(node.pin_root())
-        .output()
-        .expect("agent maps");
-    let v: serde_json::Value = serde_json::from_slice(&maps.stdout).expect("maps JSON");
-    v["COUNTERS"].clone()
-}
-
 #[test]
 fn strict_pods_drop_inbound_udp_except_allowed_ports_and_permissive_pods_are_untouched() {
     let Some(node) = node("udp_inbound", &["s", "p"]) else {
@@ -128,7 +118,7 @@ fn strict_pods_drop_inbound_udp_except_allowed_ports_and_permissive_pods_are_unt
         replied,
         "a reply to the STRICT pod's connected UDP socket was dropped"
     );
-    let c = counters(&node);
+    let c = &node.kernel_maps()["COUNTERS"];
     assert!(c["udp_inbound_dropped"].as_u64() >= Some(2), "{c}");
     assert!(c["udp_inbound_allowed"].as_u64() >= Some(2), "{c}");
     println!(
