@@ -38,6 +38,10 @@ pub const MAP_PROBE_PORTS: &str = "PROBE_PORTS";
 pub const MAP_UDP_ALLOW_PORTS: &str = "UDP_ALLOW_PORTS";
 /// Node addresses that health probes come from (`[u8; 16]`).
 pub const MAP_PROBE_SOURCES: &str = "PROBE_SOURCES";
+/// The node's `mesh_networks` (LPM trie over an address, `[u8; 16]`): the destinations
+/// outbound UDP of a `udp_outbound = "deny"` pod may not reach except its allowed ports.
+/// The prefix length of a key is `96 + n` for an IPv4 `/n` (IPv4-mapped), `n` for IPv6.
+pub const MAP_MESH_NETWORKS: &str = "MESH_NETWORKS";
 
 /// Sockets of the loopback hop between an application and the agent in the same pod
 /// (SOCKHASH keyed by [`SpliceKey`]), for pods with acceleration on.
@@ -50,6 +54,8 @@ pub const MAP_SPLICE_OFF: &str = "SPLICE_OFF";
 /// Program names, as the loader looks them up in the object.
 pub const PROG_CONNECT4: &str = "connect4";
 pub const PROG_CONNECT6: &str = "connect6";
+pub const PROG_SENDMSG4: &str = "sendmsg4";
+pub const PROG_SENDMSG6: &str = "sendmsg6";
 pub const PROG_SOCK_OPS: &str = "record_orig_dst";
 pub const PROG_SK_LOOKUP: &str = "steer_inbound";
 pub const PROG_SK_MSG: &str = "splice_msg";
@@ -75,6 +81,9 @@ pub const POD_FLAG_BLOCK: u32 = 1 << 1;
 pub const POD_FLAG_ACCELERATE: u32 = 1 << 2;
 /// STRICT mode: inbound UDP is dropped except the pod's `udp_allow_ports`.
 pub const POD_FLAG_STRICT: u32 = 1 << 3;
+/// Outbound UDP (connect or sendto) to a mesh destination is refused unless its port is
+/// one of the pod's `udp_allow_ports`.
+pub const POD_FLAG_UDP_DENY: u32 = 1 << 4;
 
 pub const COUNTER_REDIRECTED: u32 = 0;
 pub const COUNTER_EXCLUDED_PORT: u32 = 1;
@@ -101,7 +110,11 @@ pub const COUNTER_INBOUND_UNKNOWN_ADDRESS: u32 = 18;
 pub const COUNTER_UDP_INBOUND_DROPPED: u32 = 19;
 /// Inbound UDP to a STRICT pod let through by its `udp_allow_ports`.
 pub const COUNTER_UDP_INBOUND_ALLOWED: u32 = 20;
-pub const NUM_COUNTERS: u32 = 21;
+/// Outbound UDP from a `udp_outbound = "deny"` pod to a mesh destination, refused.
+pub const COUNTER_UDP_OUTBOUND_DENIED: u32 = 21;
+/// Outbound UDP from such a pod to a mesh destination on one of its `udp_allow_ports`.
+pub const COUNTER_UDP_OUTBOUND_ALLOWED: u32 = 22;
+pub const NUM_COUNTERS: u32 = 23;
 
 /// Human names of the counters, indexed like the `COUNTER_*` constants.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -126,6 +139,8 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "inbound_unknown_address",
     "udp_inbound_dropped",
     "udp_inbound_allowed",
+    "udp_outbound_denied",
+    "udp_outbound_allowed",
 ];
 
 /// What the kernel needs to know about an enrolled pod.

@@ -9,6 +9,7 @@
 //!   Once connections are established it also feeds the splice of accelerated pods
 //!   (`splice`, with the `splice_msg` sk_msg program).
 //! - `steer_inbound` (sk_lookup, `inbound`): inbound interception.
+//! - `sendmsg4` / `sendmsg6` (`udp`), with connect4/6 for UDP: outbound UDP to the mesh.
 //!
 //! Entry points are thin; the logic lives in `try_*` functions returning `Result`.
 // On the host (clippy, and `cargo check`) this builds as an ordinary binary so that the
@@ -24,6 +25,7 @@
 mod inbound;
 mod maps;
 mod splice;
+mod udp;
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
@@ -50,8 +52,8 @@ use maps::{
 };
 
 /// cgroup/connect return values: 1 lets the connect proceed, 0 fails it with EPERM.
-const ALLOW: i32 = 1;
-const DENY: i32 = 0;
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const DENY: i32 = 0;
 pub(crate) const IPPROTO_TCP: u32 = 6;
 pub(crate) const IPPROTO_UDP: u32 = 17;
 pub(crate) const AF_INET: u32 = 2;
@@ -91,6 +93,8 @@ pub fn record_orig_dst(ctx: SockOpsContext) -> u32 {
 /// Why a connect is left alone, or the pod it belongs to.
 enum Verdict {
     Pass(i32),
+    /// A UDP socket: judged by `udp::outbound`, never redirected.
+    Udp,
     Pod(PodConfig),
 }
 
@@ -100,6 +104,9 @@ fn classify(ctx: &SockAddrContext) -> Verdict {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the context pointer the kernel handed to this program.
     let protocol = unsafe { read_volatile(addr_of!((*sa).protocol)) };
+    if protocol == IPPROTO_UDP {
+        return Verdict::Udp;
+    }
     if protocol != IPPROTO_TCP {
         bump(COUNTER_NOT_TCP);
         return Verdict::Pass(ALLOW);
@@ -197,23 +204,19 @@ pub(crate) fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
 
 #[inline(always)]
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let (addr, port) = udp::dst4(ctx);
     let cfg = match classify(ctx) {
         Verdict::Pass(verdict) => return Ok(verdict),
+        Verdict::Udp => return Ok(udp::outbound(ctx, &addr, port)),
         Verdict::Pod(cfg) => cfg,
     };
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: context field reads; `user_ip4` holds the address in network byte order, so
-    // its in-memory bytes (to_ne_bytes) are the address octets in order.
-    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
-    // SAFETY: as above; `user_port` holds the port in network byte order in its low 16 bits.
-    let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
     // 127/8 is the pod's own loopback (the agent's listeners live there) and 0/8 means
-    // "this host": neither ever leaves the pod.
-    if ip[0] == 127 || ip[0] == 0 {
+    // "this host": neither ever leaves the pod. (addr[12] is the first IPv4 octet.)
+    if addr[12] == 127 || addr[12] == 0 {
         bump(COUNTER_LOCAL_DST);
         return Ok(ALLOW);
     }
-    let addr = v4_mapped(ip);
     if excluded(&cfg, &addr, port) {
         return Ok(ALLOW);
     }
@@ -237,21 +240,13 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
 
 #[inline(always)]
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let (addr, port) = udp::dst6(ctx);
     let cfg = match classify(ctx) {
         Verdict::Pass(verdict) => return Ok(verdict),
+        Verdict::Udp => return Ok(udp::outbound(ctx, &addr, port)),
         Verdict::Pod(cfg) => cfg,
     };
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // The verifier only allows 4-byte (or narrower) loads of user_ip6, so read it word by
-    // word with volatile loads that LLVM cannot merge into 8-byte ones.
-    let mut words = [0u32; 4];
-    for (i, word) in words.iter_mut().enumerate() {
-        // SAFETY: context field read within the 4-word array.
-        *word = unsafe { read_volatile(addr_of!((*sa).user_ip6[i])) };
-    }
-    let addr = words_to_bytes(words);
-    // SAFETY: context field read; network byte order in the low 16 bits.
-    let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
     let mapped = addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff;
     let unspecified_or_loopback = addr[..15].iter().all(|b| *b == 0) && addr[15] <= 1;
     // An IPv4-mapped destination on a dual-stack socket goes straight to tcp_v4_connect

@@ -52,6 +52,10 @@ pub static PROBE_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PO
 #[map]
 pub static UDP_ALLOW_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PODS * 16, 0);
 
+/// A node has a handful of mesh networks (pod CIDRs per family, a few more at most).
+#[map]
+pub static MESH_NETWORKS: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(64, 0);
+
 #[map]
 pub static PROBE_SOURCES: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
 

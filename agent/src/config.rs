@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     identity::SpiffeId,
     k8s::{NodeMode, Template},
+    proxy::limits::LimitSettings,
     spec::{PodDefaults, PodRequest, PodSpec, Probe},
     types::{
         parse_cidr, FailMode, LogFormat, Mode, DEFAULT_ADMIN_SOCKET, DEFAULT_INBOUND_PORT,
@@ -37,6 +38,51 @@ const DEFAULT_HTTP_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// hyper's own floor for its read buffer.
 const MIN_HTTP_MAX_HEADER_BYTES: usize = 8 * 1024;
 const DEFAULT_DETECT_TIMEOUT_MS: u64 = 1_000;
+/// An hour, as Istio's TCP idle timeout: long enough for any pool's keep-alive.
+const DEFAULT_IDLE_TIMEOUT_MS: u64 = 3_600_000;
+
+/// The connection and handshake limits, each per pod no larger than the node's.
+fn limits(file: &FileConfig) -> Result<LimitSettings, ConfigError> {
+    let d = LimitSettings::default();
+    let s = LimitSettings {
+        connections_per_pod: file
+            .max_connections_per_pod
+            .unwrap_or(d.connections_per_pod),
+        connections: file.max_connections.unwrap_or(d.connections),
+        handshakes_per_pod: file.max_handshakes_per_pod.unwrap_or(d.handshakes_per_pod),
+        handshakes: file.max_handshakes.unwrap_or(d.handshakes),
+    };
+    for (field, v) in [
+        ("max_connections_per_pod", s.connections_per_pod),
+        ("max_connections", s.connections),
+        ("max_handshakes_per_pod", s.handshakes_per_pod),
+        ("max_handshakes", s.handshakes),
+    ] {
+        // tokio's semaphores hold at most usize::MAX >> 3 permits.
+        if v == 0 || v > (u32::MAX as usize) {
+            return Err(invalid(field, "must be between 1 and 4294967295"));
+        }
+    }
+    if s.connections_per_pod > s.connections {
+        return Err(invalid(
+            "max_connections_per_pod",
+            format!(
+                "is above max_connections ({}): one pod could take the whole node",
+                s.connections
+            ),
+        ));
+    }
+    if s.handshakes_per_pod > s.handshakes {
+        return Err(invalid(
+            "max_handshakes_per_pod",
+            format!(
+                "is above max_handshakes ({}): one pod could take the whole node",
+                s.handshakes
+            ),
+        ));
+    }
+    Ok(s)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -99,6 +145,16 @@ pub struct FileConfig {
     pub http_header_timeout_ms: Option<u64>,
     /// The largest request head (HTTP/1) or header list (HTTP/2) inspected HTTP accepts.
     pub http_max_header_bytes: Option<usize>,
+    /// Open connections (each direction counts) one pod may have; more are shed.
+    pub max_connections_per_pod: Option<usize>,
+    /// Open connections of the whole node; must be at least the per-pod limit.
+    pub max_connections: Option<usize>,
+    /// Mutual TLS handshakes in flight in one pod; more are shed.
+    pub max_handshakes_per_pod: Option<usize>,
+    /// Mutual TLS handshakes in flight on the node; at least the per-pod limit.
+    pub max_handshakes: Option<usize>,
+    /// A proxied TCP connection with no byte either way for this long is closed.
+    pub idle_timeout_ms: Option<u64>,
     /// Where the agent records the pods it enrolled (re-adopted after a restart).
     pub state_dir: Option<PathBuf>,
     /// The policy of pods that name none (without one, such pods deny all inbound).
@@ -261,6 +317,9 @@ pub struct Config {
     #[serde(with = "millis")]
     pub http_header_timeout: Duration,
     pub http_max_header_bytes: usize,
+    pub limits: LimitSettings,
+    #[serde(with = "millis")]
+    pub idle_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
     /// The pods of the file and the flags, enrolled at start.
@@ -343,6 +402,7 @@ impl Config {
                 Err(invalid(field, format!("must be an absolute path {what}")))
             }
         };
+        let limits = limits(&file)?;
         let pin_root = absolute(
             "pin_root",
             args.pin_root
@@ -400,6 +460,11 @@ impl Config {
                 format!("must be at least {MIN_HTTP_MAX_HEADER_BYTES} (and fit in 32 bits)"),
             ));
         }
+        let idle_timeout = millis(
+            "idle_timeout_ms",
+            file.idle_timeout_ms,
+            DEFAULT_IDLE_TIMEOUT_MS,
+        )?;
         let log_level = args
             .log_level
             .clone()
@@ -495,6 +560,8 @@ impl Config {
             handshake_timeout,
             http_header_timeout,
             http_max_header_bytes,
+            limits,
+            idle_timeout,
             outbound_port,
             inbound_port,
             probe_sources,

@@ -142,6 +142,8 @@ pub fn http(data: &[u8]) {
         http_max_header_bytes: 16 * 1024,
         mesh_networks: Vec::new(),
         known: Default::default(),
+        limits: Default::default(),
+        idle_timeout: Duration::from_secs(1),
     };
     let data = data.to_vec();
     rt.block_on(async move {

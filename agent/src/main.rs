@@ -9,7 +9,7 @@ use agent::{
     authz, ca, config, ebpf, run,
     spec::PodRequest,
     telemetry,
-    types::{FailMode, Mode, Redirect, DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR},
+    types::{FailMode, Mode, Redirect, UdpOutbound, DEFAULT_PIN_ROOT, DEFAULT_STATE_DIR},
 };
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -177,9 +177,13 @@ struct EnrollArgs {
     /// A port health probes from the node reach directly (repeatable).
     #[arg(long = "probe-port")]
     probe_ports: Vec<u16>,
-    /// STRICT pods: a UDP port accepted inbound, or replied from (repeatable).
+    /// A UDP port the pod offers or uses: accepted inbound by STRICT pods (or replied
+    /// from), and reachable in the mesh under `--udp-outbound deny` (repeatable).
     #[arg(long = "udp-allow-port")]
     udp_allow_ports: Vec<u16>,
+    /// Outbound UDP to the mesh: allow or deny (default: deny for strict, else allow).
+    #[arg(long)]
+    udp_outbound: Option<UdpOutbound>,
     /// ebpf or iptables.
     #[arg(long, default_value = "ebpf")]
     redirect: Redirect,
@@ -204,6 +208,7 @@ impl EnrollArgs {
             exclude_inbound_ports: self.exclude_inbound_ports.clone(),
             probe_ports: self.probe_ports.clone(),
             udp_allow_ports: self.udp_allow_ports.clone(),
+            udp_outbound: self.udp_outbound,
             mode: self.mode,
             cert: opt(&self.cert),
             key: opt(&self.key),

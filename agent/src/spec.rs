@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     identity::IdentityFiles,
     k8s::K8sPod,
-    types::{parse_cidr, FailMode, Mode, PodName, Redirect},
+    types::{parse_cidr, FailMode, Mode, PodName, Redirect, UdpOutbound},
 };
 
 /// A pod as a user (or a runtime) asks for it to be enrolled.
@@ -48,6 +48,10 @@ pub struct PodRequest {
     /// replies from 53); all other inbound UDP is dropped in the kernel.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub udp_allow_ports: Vec<u16>,
+    /// Outbound UDP to the mesh: `deny` refuses it except to `udp_allow_ports`. Unset, it
+    /// follows the mode: STRICT pods deny, PERMISSIVE pods allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_outbound: Option<UdpOutbound>,
     #[serde(default)]
     pub mode: Mode,
     /// The pod's SVID: certificate chain, private key and trust bundle (PEM files)...
@@ -96,6 +100,7 @@ pub struct PodSpec {
     pub exclude_inbound_ports: Vec<u16>,
     pub probe_ports: Vec<u16>,
     pub udp_allow_ports: Vec<u16>,
+    pub udp_outbound: UdpOutbound,
     pub mode: Mode,
     pub identity: Option<IdentityFiles>,
     /// The pod's own policy, else the node's default policy, else none (deny all).
@@ -220,6 +225,19 @@ impl PodRequest {
                 "iptables needs `upstream_mark` (the mark the pod's REDIRECT rule skips), or the agent's own upstream connections would loop back to it".into(),
             ));
         }
+        let udp_outbound = match (self.udp_outbound, self.redirect) {
+            (Some(UdpOutbound::Deny), Redirect::Iptables) => {
+                return Err(invalid(
+                    "udp_outbound",
+                    "deny needs redirect = \"ebpf\": UDP is judged by the agent's cgroup programs, which iptables pods do not get".into(),
+                ))
+            }
+            (Some(chosen), _) => chosen,
+            // An iptables pod has no cgroup programs to judge UDP with.
+            (None, Redirect::Iptables) => UdpOutbound::Allow,
+            (None, Redirect::Ebpf) if self.mode == Mode::Strict => UdpOutbound::Deny,
+            (None, Redirect::Ebpf) => UdpOutbound::Allow,
+        };
         let mut exclude_cidrs = Vec::new();
         for (j, text) in self.exclude_cidrs.iter().enumerate() {
             exclude_cidrs
@@ -241,6 +259,7 @@ impl PodRequest {
             exclude_inbound_ports: sorted(&self.exclude_inbound_ports),
             probe_ports: sorted(&self.probe_ports),
             udp_allow_ports: sorted(&self.udp_allow_ports),
+            udp_outbound,
             mode: self.mode,
             identity,
             policy: self.policy.clone().or_else(|| defaults.policy.clone()),
@@ -293,6 +312,11 @@ impl PodSpec {
             "udp_allow_ports",
             dbg(&self.udp_allow_ports),
             dbg(&other.udp_allow_ports),
+        );
+        cmp(
+            "udp_outbound",
+            dbg(&self.udp_outbound),
+            dbg(&other.udp_outbound),
         );
         cmp("mode", dbg(&self.mode), dbg(&other.mode));
         let id = |i: &Option<IdentityFiles>| {
@@ -511,5 +535,28 @@ pub(crate) mod tests {
             r.validate("", &defaults, &Fake).unwrap_err().field,
             "redirect"
         );
+    }
+
+    #[test]
+    fn outbound_udp_follows_the_mode_unless_chosen() {
+        let mut r = request("a");
+        assert_eq!(check(&r).unwrap().udp_outbound, UdpOutbound::Allow);
+        r.identity_dir = Some("/ids/a".into());
+        r.mode = Mode::Strict;
+        assert_eq!(check(&r).unwrap().udp_outbound, UdpOutbound::Deny);
+        r.udp_outbound = Some(UdpOutbound::Allow);
+        assert_eq!(check(&r).unwrap().udp_outbound, UdpOutbound::Allow);
+        // iptables pods have no cgroup programs: deny cannot be kept, so it is refused.
+        let defaults = PodDefaults {
+            policy: None,
+            upstream_mark: Some(7),
+        };
+        r.redirect = Redirect::Iptables;
+        r.udp_outbound = Some(UdpOutbound::Deny);
+        let e = r.validate("", &defaults, &Fake).unwrap_err();
+        assert_eq!(e.field, "udp_outbound");
+        r.udp_outbound = None;
+        let spec = r.validate("", &defaults, &Fake).unwrap();
+        assert_eq!(spec.udp_outbound, UdpOutbound::Allow);
     }
 }

@@ -142,6 +142,23 @@ impl FromStr for Mode {
     }
 }
 
+/// What a pod's outbound UDP to the mesh (its `mesh_networks` and enrolled pods) may do.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UdpOutbound {
+    /// Left alone (the mesh does not carry UDP).
+    Allow,
+    /// Refused in the kernel (EPERM) except to the pod's `udp_allow_ports`.
+    Deny,
+}
+
+impl FromStr for UdpOutbound {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        from_name(s, "udp_outbound", "`allow` or `deny`")
+    }
+}
+
 /// How a pod's outbound connections reach the agent.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

@@ -7,7 +7,12 @@ use std::{
     time::Duration,
 };
 
-use crate::{agent::workspace_bin, node::Pod, proto::Summary};
+use crate::{
+    agent::workspace_bin,
+    attempt::{Kind, Outcome, Tricks},
+    node::Pod,
+    proto::Summary,
+};
 
 /// A `podapp serve` process; killed on drop.
 pub struct Server {
@@ -24,6 +29,27 @@ impl Server {
     /// Every HTTP request the application has received (for `serve_http`).
     pub fn seen_http(&self) -> Vec<crate::http_app::SeenRequest> {
         self.parsed()
+    }
+
+    /// Connections and datagrams (`record` servers) that reached the application from
+    /// anyone but its own agent: each one is a way around the agent.
+    pub fn direct(&self) -> Vec<String> {
+        let agent_sources = [
+            std::net::IpAddr::from(agent_common::AGENT_APP_SRC4),
+            std::net::IpAddr::from(agent_common::AGENT_APP_SRC6),
+        ];
+        let seen: Vec<serde_json::Value> = self.parsed();
+        seen.iter()
+            .filter_map(|v| {
+                if let Some(d) = v["datagram"].as_str() {
+                    // The agent never sends UDP to an application.
+                    return Some(format!("udp from {d}"));
+                }
+                let peer: SocketAddr = v["accepted"].as_str()?.parse().ok()?;
+                (!agent_sources.contains(&peer.ip().to_canonical()))
+                    .then(|| format!("tcp from {peer}"))
+            })
+            .collect()
     }
 
     fn parsed<T: serde::de::DeserializeOwned>(&self) -> Vec<T> {
@@ -84,6 +110,39 @@ impl Pod {
         start_server(cmd)
     }
 
+    /// The bypass suite's witness: serves on the wildcard addresses of `tcp` ports (so an
+    /// address added later is covered) and records every connection and every datagram
+    /// to the `udp` ports as it arrives ([`Server::direct`]).
+    pub fn record(&self, tcp: &[u16], udp: &[u16]) -> Server {
+        let mut cmd = self.command(workspace_bin("podapp"));
+        cmd.arg("record");
+        for (flag, ports) in [("--listen", tcp), ("--udp", udp)] {
+            for port in ports {
+                for any in ["0.0.0.0", "::"] {
+                    let ip: std::net::IpAddr = any.parse().expect("wildcard address");
+                    cmd.arg(flag).arg(SocketAddr::new(ip, *port).to_string());
+                }
+            }
+        }
+        start_server(cmd)
+    }
+
+    /// One `simnode::attempt` made by a process of this pod.
+    pub fn attempt(&self, kind: Kind, to: SocketAddr, tricks: &Tricks) -> Outcome {
+        let cmd = match tricks.uid {
+            Some(uid) => {
+                let mut cmd = self.command("setpriv");
+                cmd.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .args(["--clear-groups", "--"])
+                    .arg(workspace_bin("podapp"));
+                cmd
+            }
+            None => self.command(workspace_bin("podapp")),
+        };
+        run_attempt(cmd, kind, to, tricks)
+    }
+
     /// Sends `requests` ("GET /a,POST /b") over one connection from this pod.
     pub fn http_client(
         &self,
@@ -141,6 +200,33 @@ impl crate::Node {
             .args(extra);
         run_client(cmd)
     }
+}
+
+impl crate::Node {
+    /// One `simnode::attempt` made from the node, outside every pod.
+    pub fn host_attempt(&self, kind: Kind, to: SocketAddr, tricks: &Tricks) -> Outcome {
+        run_attempt(Command::new(workspace_bin("podapp")), kind, to, tricks)
+    }
+}
+
+fn run_attempt(mut cmd: Command, kind: Kind, to: SocketAddr, tricks: &Tricks) -> Outcome {
+    let kind_arg = serde_json::to_value(kind).expect("a kind is a string");
+    cmd.arg("attempt")
+        .args(["--kind", kind_arg.as_str().unwrap_or_default()])
+        .args(["--to", &to.to_string()]);
+    if let Some(mark) = tricks.mark {
+        cmd.args(["--mark", &mark.to_string()]);
+    }
+    if let Some(bind) = tricks.bind {
+        cmd.args(["--bind", &bind.to_string()]);
+    }
+    let out = cmd.output().expect("run podapp attempt");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "podapp attempt {kind:?} printed no outcome ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Waits for a spawned client and parses its summary.

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod attempt;
 pub mod capture;
 pub mod cni;
 // The container-runtime harness needs protoc to build (k8s-cri); xtask leaves it out, so

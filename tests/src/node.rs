@@ -135,6 +135,16 @@ impl Node {
         Ipv6Addr::new(0xfd00, 0x213, u16::from(self.subnet), 0, 0, 0, 0, 1)
     }
 
+    /// The bridge's interface index on the host (the scope of a link-local destination
+    /// reached from the node).
+    pub fn bridge_index(&self) -> u32 {
+        let path = format!("/sys/class/net/{}/ifindex", self.bridge);
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("cannot read {path}"))
+    }
+
     /// A bpffs directory private to this node, for the agent's pins.
     pub fn pin_root(&self) -> &Path {
         &self.pin_root

@@ -10,7 +10,11 @@ use std::{
 };
 
 use common::*;
-use simnode::{pki::DevCa, Agent, AgentConfig, Pod};
+use simnode::{
+    attempt::{Kind, Outcome, Tricks},
+    pki::DevCa,
+    Agent, AgentConfig, Pod,
+};
 
 const TD: &str = "spiffe://td.test/ns/default/sa";
 
@@ -124,6 +128,91 @@ fn strict_pods_drop_inbound_udp_except_allowed_ports_and_permissive_pods_are_unt
     println!(
         "kernel UDP counters: dropped {}, allowed {}",
         c["udp_inbound_dropped"], c["udp_inbound_allowed"]
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn outbound_udp_to_the_mesh_is_refused_for_deny_pods_except_allowed_ports() {
+    let Some(node) = node("udp_outbound", &["s", "p"]) else {
+        return;
+    };
+    let (s, p) = (node.pod("s"), node.pod("p"));
+    let ca = DevCa::new(&node.tmp().join("ca"));
+    let ss = ca.issue(&format!("{TD}/s"), &node.tmp().join("s"), false);
+    let allow = node.tmp().join("allow-all.yaml");
+    let mut strict = toml::Table::new();
+    strict.extend(
+        ss.toml_strict(&allow)
+            .parse::<toml::Table>()
+            .expect("the SVID's TOML"),
+    );
+    // STRICT, so udp_outbound is "deny" without saying so.
+    strict.insert("udp_allow_ports".into(), vec![5353].into());
+    // A mesh network with no pod in it: refused by the trie, not by the enrolled-pod table.
+    let cfg = AgentConfig::new(&node)
+        .value("mesh_networks", vec!["10.213.250.0/24", "fd00:213:fa::/48"])
+        .pod_table(s, "closed", strict)
+        .pod(p, "open");
+    let mut agent = Agent::start(&cfg);
+    let run = Duration::from_secs(20);
+    udp_echo(p, 9000, run);
+    udp_echo(p, 5353, run);
+    let none = Tricks::default();
+    let refused = |o: &Outcome| {
+        !o.sent
+            && o.error
+                .as_deref()
+                .is_some_and(|e| e.contains("Operation not permitted"))
+    };
+    let mut denied = 0;
+    for v6 in [false, true] {
+        for kind in [Kind::UdpSend, Kind::UdpConnect] {
+            let o = s.attempt(kind, at(p, v6, 9000), &none);
+            assert!(
+                refused(&o),
+                "UDP from the deny pod to an enrolled pod went out: {o:?}"
+            );
+            denied += 1;
+        }
+        let o = s.attempt(Kind::UdpSend, at(p, v6, 5353), &none);
+        assert!(
+            o.answered,
+            "the allowed UDP port 5353 is unreachable: {o:?}"
+        );
+    }
+    let o = s.attempt(Kind::UdpMapped, at(p, false, 9000), &none);
+    assert!(
+        refused(&o),
+        "UDP to an IPv4-mapped mesh address went out: {o:?}"
+    );
+    for to in ["10.213.250.9:9000", "[fd00:213:fa::9]:9000"] {
+        let o = s.attempt(Kind::UdpSend, sock(to), &none);
+        assert!(refused(&o), "UDP to a mesh network went out: {o:?}");
+    }
+    denied += 3;
+    // Outside the mesh (the node itself is neither enrolled nor in mesh_networks), UDP is
+    // the application's business; a connected socket's reply is let back in.
+    let server = UdpSocket::bind(SocketAddr::new(node.ip4().into(), 0)).unwrap();
+    let server_addr = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        server.set_read_timeout(Some(run)).unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let o = s.attempt(Kind::UdpConnect, server_addr, &none);
+    assert!(o.answered, "UDP outside the mesh was touched: {o:?}");
+    // The PERMISSIVE pod allows outbound UDP, to the mesh too.
+    let o = p.attempt(Kind::UdpSend, at(s, false, 9000), &none);
+    assert!(o.sent && o.error.is_none(), "{o:?}");
+    let c = &node.kernel_maps()["COUNTERS"];
+    assert!(c["udp_outbound_denied"].as_u64() >= Some(denied), "{c}");
+    assert!(c["udp_outbound_allowed"].as_u64() >= Some(2), "{c}");
+    println!(
+        "kernel UDP counters: outbound denied {}, allowed {}",
+        c["udp_outbound_denied"], c["udp_outbound_allowed"]
     );
     assert!(agent.stop().success());
 }

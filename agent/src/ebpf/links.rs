@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP};
+use agent_common::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SK_LOOKUP};
 use aya::programs::{
     links::{FdLink, PinnedLink},
     CgroupAttachMode,
@@ -175,7 +175,7 @@ fn attach_all(
             .map_err(|source| EbpfError::Pin { path, source })
     };
     let connect: &[&'static str] = if redirect {
-        &[PROG_CONNECT4, PROG_CONNECT6]
+        &[PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6]
     } else {
         &[]
     };

@@ -3,8 +3,8 @@
 use agent_common::{
     MAP_AGENT_CGROUPS, MAP_CONNECT_ORIG, MAP_COUNTERS, MAP_EXCLUDED_CIDRS, MAP_EXCLUDED_PORTS,
     MAP_INBOUND_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_ORIG_DST, MAP_POD_ADDRS, MAP_POD_CONFIG,
-    MAP_PROBE_PORTS, MAP_PROBE_SOURCES, MAP_SPLICE, PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP,
-    PROG_SK_MSG, PROG_SOCK_OPS,
+    MAP_PROBE_PORTS, MAP_PROBE_SOURCES, MAP_SPLICE, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4,
+    PROG_SENDMSG6, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCK_OPS,
 };
 use aya::{
     maps::SockHash,
@@ -43,7 +43,7 @@ impl Kernel {
             .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for name in [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| EbpfError::Program { name, source })?;
@@ -70,6 +70,7 @@ impl Kernel {
             probe_ports: take_map(&mut ebpf, MAP_PROBE_PORTS)?,
             probe_sources: take_map(&mut ebpf, MAP_PROBE_SOURCES)?,
             udp_ports: take_map(&mut ebpf, agent_common::MAP_UDP_ALLOW_PORTS)?,
+            mesh: take_map(&mut ebpf, agent_common::MAP_MESH_NETWORKS)?,
         })?;
         let listeners = InboundListeners::new(take_map(&mut ebpf, MAP_INBOUND_LISTENERS)?)?;
         let orig_dst = OrigDstTable::new(take_map(&mut ebpf, MAP_ORIG_DST)?)?;

@@ -76,6 +76,7 @@ pub struct PodTable {
     probe_ports: HashMap<MapData, PortKey, u32>,
     probe_sources: HashMap<MapData, [u8; 16], u32>,
     udp_ports: HashMap<MapData, PortKey, u32>,
+    mesh: LpmTrie<MapData, [u8; 16], u32>,
 }
 
 /// The maps behind a [`PodTable`], by name.
@@ -89,6 +90,7 @@ pub(super) struct PodMaps {
     pub probe_ports: Named,
     pub probe_sources: Named,
     pub udp_ports: Named,
+    pub mesh: Named,
 }
 
 impl PodTable {
@@ -103,6 +105,7 @@ impl PodTable {
             probe_ports: typed(m.probe_ports)?,
             probe_sources: typed(m.probe_sources)?,
             udp_ports: typed(m.udp_ports)?,
+            mesh: typed(m.mesh)?,
         })
     }
 
@@ -116,6 +119,14 @@ impl PodTable {
         self.probe_sources
             .insert(addr16(ip), 1, 0)
             .map_err(map_err(agent_common::MAP_PROBE_SOURCES))
+    }
+
+    /// A network of the mesh: outbound UDP of `udp_outbound = "deny"` pods may not reach it.
+    pub fn add_mesh_network(&mut self, net: &IpNet) -> Result<(), EbpfError> {
+        let (addr, bits) = prefix(net);
+        self.mesh
+            .insert(&Key::new(bits, addr), 1, 0)
+            .map_err(map_err(agent_common::MAP_MESH_NETWORKS))
     }
 
     /// Changes only the pod's flags (e.g. to block it when the agent leaves).
@@ -219,15 +230,20 @@ impl InboundListeners {
     }
 }
 
-fn cidr_key(pod_id: u32, net: &IpNet) -> Key<CidrKey> {
-    let (addr, bits) = match net {
+/// A network as an address-keyed trie stores it: the address and its prefix length.
+fn prefix(net: &IpNet) -> ([u8; 16], u32) {
+    match net {
         // IPv4 is stored mapped, so its prefix starts after the 96-bit ::ffff: part.
         IpNet::V4(v4) => (
             v4_mapped(v4.network().octets()),
             96 + u32::from(v4.prefix_len()),
         ),
         IpNet::V6(v6) => (v6.network().octets(), u32::from(v6.prefix_len())),
-    };
+    }
+}
+
+fn cidr_key(pod_id: u32, net: &IpNet) -> Key<CidrKey> {
+    let (addr, bits) = prefix(net);
     Key::new(
         CIDR_KEY_POD_BITS + bits,
         CidrKey {

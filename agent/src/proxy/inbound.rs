@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
-use super::{Pod, Shared};
+use super::{limits, Pod, Shared};
 use crate::{
     authz::{Caller, Inbound},
     identity::PeerIdentity,
@@ -149,12 +149,23 @@ pub(super) async fn handle(
     log.detected(detected);
     match (detected, &pod.tls, pod.mode) {
         (Detected::AgentTls, Some(tls), _) => {
+            let permit = match limits::handshake(&pod.limits, &shared.limits) {
+                Ok(p) => p,
+                Err(shed) => {
+                    shared.shed(&pod, Direction::Inbound, shed);
+                    super::reset(&client);
+                    return log.refused("shed", shed.reason(), &shed);
+                }
+            };
             let started = std::time::Instant::now();
             let accept = tokio::time::timeout(
                 settings.handshake_timeout,
                 TlsAcceptor::from(tls.server.clone()).accept(client),
-            );
-            let stream = match accept.await {
+            )
+            .await;
+            // Only the handshake counts against the limit, not the connection after it.
+            drop(permit);
+            let stream = match accept {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     let reason = super::tls_reason(&e);
@@ -296,7 +307,7 @@ async fn forward<S>(
     };
     log.via(app.local_addr().ok());
     let transfer = tokio::select! {
-        t = pump(client, app) => Some(t),
+        t = pump(client, app, shared.settings.idle_timeout) => Some(t),
         _ = pod.life.abort.cancelled() => None,
     };
     log.closed(transfer);

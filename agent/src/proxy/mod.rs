@@ -8,6 +8,7 @@
 
 pub(crate) mod http;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 
 use std::{
@@ -67,6 +68,10 @@ pub struct Settings {
     pub mesh_networks: Vec<ipnet::IpNet>,
     /// Known workloads' addresses (canonical) and identities: in the mesh wherever they are.
     pub known: HashMap<IpAddr, SpiffeId>,
+    /// Open connections and handshakes in flight, per pod and for the node.
+    pub limits: limits::LimitSettings,
+    /// A proxied connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Settings {
@@ -81,6 +86,8 @@ pub struct Shared {
     pub orig_dst: OrigDstTable,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
+    /// The node's share of [`Settings::limits`].
+    pub limits: limits::Limits,
     next_conn_id: AtomicU64,
 }
 
@@ -88,6 +95,7 @@ impl Shared {
     pub fn new(orig_dst: OrigDstTable, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
             orig_dst,
+            limits: limits::Limits::for_node(&settings.limits),
             settings,
             metrics: Arc::new(Metrics::new()),
             next_conn_id: AtomicU64::new(1),
@@ -96,6 +104,17 @@ impl Shared {
 
     pub fn next_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts a shed connection of `pod` and logs it (once a second per pod at most: an
+    /// overload must not also flood the log).
+    pub fn shed(&self, pod: &Pod, direction: Direction, shed: limits::Shed) {
+        let dir = direction.as_str();
+        self.metrics.shed(pod.name.as_str(), dir, shed.reason());
+        self.metrics.count(&format!("{dir}_shed_{}", shed.reason()));
+        if pod.limits.should_warn() {
+            warn!(pod = %pod.name, direction = dir, reason = shed.reason(), "{shed}");
+        }
     }
 }
 
@@ -147,6 +166,8 @@ pub struct Pod {
     /// SO_MARK for upstream sockets, so an iptables REDIRECT in the pod lets them pass.
     pub upstream_mark: Option<u32>,
     pub life: Lifecycle,
+    /// The pod's share of [`Settings::limits`].
+    pub limits: limits::Limits,
 }
 
 impl Pod {
@@ -274,19 +295,29 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let permit = match limits::connection(&pod.limits, &shared.limits) {
+                    Ok(p) => p,
+                    Err(shed) => {
+                        shared.shed(&pod, direction, shed);
+                        reset(&stream);
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let id = shared.next_id();
                 let (pod2, shared2) = (pod.clone(), shared.clone());
-                match direction {
-                    Direction::Outbound => pod
-                        .life
-                        .tracker
-                        .spawn(outbound::handle(id, stream, peer, pod2, shared2)),
-                    Direction::Inbound => pod
-                        .life
-                        .tracker
-                        .spawn(inbound::handle(id, stream, peer, pod2, shared2)),
-                };
+                pod.life.tracker.spawn(async move {
+                    // Held until the connection ends.
+                    let _permit = permit;
+                    match direction {
+                        Direction::Outbound => {
+                            outbound::handle(id, stream, peer, pod2, shared2).await
+                        }
+                        Direction::Inbound => {
+                            inbound::handle(id, stream, peer, pod2, shared2).await
+                        }
+                    }
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::warn;
 
-use super::{Pod, Shared};
+use super::{limits, Pod, Shared};
 use crate::{
     ebpf::addr16,
     identity::PeerIdentity,
@@ -147,11 +147,22 @@ pub(super) async fn handle(
             let connector = TlsConnector::from(tls.client.clone());
             let name = ServerName::IpAddress(dst.ip().into());
             let started = std::time::Instant::now();
+            let permit = match limits::handshake(&pod.limits, &shared.limits) {
+                Ok(p) => p,
+                Err(shed) => {
+                    shared.shed(&pod, Direction::Outbound, shed);
+                    super::reset(&client);
+                    return log.refused("shed", shed.reason(), &shed);
+                }
+            };
             let handshake = tokio::time::timeout(
                 settings.handshake_timeout,
                 connector.connect(name, upstream),
-            );
-            let err = match handshake.await {
+            )
+            .await;
+            // Only the handshake counts against the limit, not the connection after it.
+            drop(permit);
+            let err = match handshake {
                 Ok(Ok(stream)) => {
                     shared.metrics.handshake_done("outbound", started);
                     let Some(peer) =
@@ -166,7 +177,7 @@ pub(super) async fn handle(
                     };
                     log.peer(peer, started.elapsed());
                     let transfer = tokio::select! {
-                        t = pump(client, stream) => Some(t),
+                        t = pump(client, stream, shared.settings.idle_timeout) => Some(t),
                         _ = pod.life.abort.cancelled() => None,
                     };
                     return log.closed(transfer);
@@ -188,7 +199,7 @@ pub(super) async fn handle(
                     Ok(plain) => {
                         log.via(plain.local_addr().ok());
                         tokio::select! {
-                            t = pump(client, plain) => Some(t),
+                            t = pump(client, plain, shared.settings.idle_timeout) => Some(t),
                             _ = pod.life.abort.cancelled() => None,
                         }
                     }
@@ -211,7 +222,7 @@ pub(super) async fn handle(
                       "plaintext to a mesh destination: the pod has no identity (set cert, key, bundle)");
             }
             tokio::select! {
-                t = pump(client, upstream) => Some(t),
+                t = pump(client, upstream, shared.settings.idle_timeout) => Some(t),
                 _ = pod.life.abort.cancelled() => None,
             }
         }

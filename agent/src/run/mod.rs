@@ -61,6 +61,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     for ip in &cfg.probe_sources {
         kernel.pods.add_probe_source(*ip)?;
     }
+    for net in &cfg.mesh_networks {
+        kernel.pods.add_mesh_network(net)?;
+    }
     let known: std::collections::HashMap<_, _> = cfg.workloads.iter().cloned().collect();
     let expected: crate::tls::Expected = Arc::new(known.clone());
     let shared = Shared::new(
@@ -73,6 +76,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             http_max_header_bytes: cfg.http_max_header_bytes,
             mesh_networks: cfg.mesh_networks.clone(),
             known,
+            limits: cfg.limits,
+            idle_timeout: cfg.idle_timeout,
         },
     );
     let (control_tx, mut control_rx) = mpsc::channel(64);

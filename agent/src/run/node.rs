@@ -16,7 +16,7 @@ use std::{
 
 use agent_common::{
     PodConfig as KernelPod, POD_FLAG_ACCELERATE, POD_FLAG_BLOCK, POD_FLAG_FAIL_OPEN,
-    POD_FLAG_STRICT,
+    POD_FLAG_STRICT, POD_FLAG_UDP_DENY,
 };
 use aya::programs::links::FdLink;
 use serde_json::json;
@@ -29,11 +29,11 @@ use crate::{
     ebpf::{Kernel, PodEntry, PodLinks},
     identity::{IdentitySource, IdentityStore},
     netns::{Addresses, Netns},
-    proxy::{self, Lifecycle, Pod, PodTls, Shared},
+    proxy::{self, limits::Limits, Lifecycle, Pod, PodTls, Shared},
     spec::{PodDefaults, PodSpec},
     state::{Origin, Record, StateDir, Status},
     tls::Expected,
-    types::{Direction, FailMode, Mode, PodId, PodName, Redirect},
+    types::{Direction, FailMode, Mode, PodId, PodName, Redirect, UdpOutbound},
 };
 
 /// The node-wide settings enrolment needs.
@@ -531,6 +531,7 @@ impl Node {
             redirect: spec.redirect,
             upstream_mark: spec.upstream_mark,
             life: Lifecycle::default(),
+            limits: Limits::for_pod(&self.shared.settings.limits),
         });
         // Listeners exist before any connection can be steered to them.
         let outbound = pod
@@ -1080,6 +1081,9 @@ pub(super) fn kernel_entry(spec: &PodSpec, id: PodId, cookie: u64, outbound_port
     if spec.mode == Mode::Strict {
         flags |= POD_FLAG_STRICT;
     }
+    if spec.udp_outbound == UdpOutbound::Deny {
+        flags |= POD_FLAG_UDP_DENY;
+    }
     PodEntry {
         netns_cookie: cookie,
         config: KernelPod {
@@ -1100,7 +1104,13 @@ pub(super) fn kernel_entry(spec: &PodSpec, id: PodId, cookie: u64, outbound_port
 fn programs_of(spec: &PodSpec) -> Vec<&'static str> {
     let mut p = Vec::new();
     if spec.redirect == Redirect::Ebpf {
-        p.extend(["cgroup/connect4", "cgroup/connect6", "sock_ops"]);
+        p.extend([
+            "cgroup/connect4",
+            "cgroup/connect6",
+            "cgroup/sendmsg4",
+            "cgroup/sendmsg6",
+            "sock_ops",
+        ]);
     }
     p.push("sk_lookup");
     if spec.accelerate {

@@ -44,6 +44,13 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub pod: String,
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
     pub pod: String,
     /// `inbound`, `http` (per request) or `egress`.
@@ -92,6 +99,7 @@ pub struct Metrics {
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub handshake_seconds: Family<DirLabels, Histogram>,
     pub authz: Family<AuthzLabels, Counter>,
+    pub shed: Family<ShedLabels, Counter>,
     /// Sharded maps, so connections opening and closing on every core do not queue on one
     /// lock.
     live: DashMap<u64, ConnInfo>,
@@ -149,6 +157,12 @@ impl Metrics {
             ))
         });
         let authz = Family::<AuthzLabels, Counter>::default();
+        let shed = Family::<ShedLabels, Counter>::default();
+        registry.register(
+            "connections_shed",
+            "New connections refused because a limit was reached, by reason",
+            shed.clone(),
+        );
         registry.register(
             "connections_opened",
             "Connections accepted by the proxy",
@@ -185,6 +199,7 @@ impl Metrics {
             handshake_failures,
             handshake_seconds,
             authz,
+            shed,
             live: DashMap::new(),
             recent: DashMap::new(),
             closed_seq: AtomicU64::new(0),
@@ -208,6 +223,16 @@ impl Metrics {
                 scope,
                 decision: if allow { "allow" } else { "deny" },
                 rule: rule.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn shed(&self, pod: &str, direction: &'static str, reason: &'static str) {
+        self.shed
+            .get_or_create(&ShedLabels {
+                pod: pod.to_string(),
+                direction,
+                reason,
             })
             .inc();
     }

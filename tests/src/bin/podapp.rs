@@ -5,6 +5,11 @@
 //! `podapp client --to ADDR --send N --reply M [--count C] [--concurrency K] [--bind ADDR]
 //! [--mark M] [--hold-ms H] [--v6-socket]` makes C connections, K at a time (all K
 //! connected before any sends), and prints a JSON `Summary` line.
+//! `podapp record --listen ADDR... [--udp ADDR...]` serves like `serve` but also prints a
+//! line for every accepted connection (`{"accepted": PEER}`) and every UDP datagram
+//! (`{"datagram": PEER}`), before anything is read: the bypass suite's witness.
+//! `podapp attempt --kind K --to ADDR [--mark M] [--bind ADDR]` makes one attempt of
+//! `simnode::attempt` and prints its JSON `Outcome`.
 
 use std::{
     net::SocketAddr,
@@ -44,7 +49,24 @@ fn main() {
         .build()
         .expect("tokio runtime");
     match args.first().map(String::as_str) {
-        Some("serve") => rt.block_on(serve(&args)),
+        Some("serve") => rt.block_on(serve(&args, false)),
+        Some("record") => {
+            for udp in args.windows(2).filter(|w| w[0] == "--udp") {
+                record_udp(udp[1].parse().expect("--udp ADDR"));
+            }
+            rt.block_on(serve(&args, true))
+        }
+        Some("attempt") => {
+            let kind = arg(&args, "--kind").expect("--kind K");
+            let to = arg(&args, "--to").expect("--to ADDR");
+            let tricks = simnode::attempt::Tricks {
+                mark: arg(&args, "--mark"),
+                bind: arg(&args, "--bind"),
+                uid: None,
+            };
+            let outcome = simnode::attempt::run(kind, to, &tricks);
+            println!("{}", serde_json::to_string(&outcome).unwrap());
+        }
         Some("client") => rt.block_on(client(&args)),
         Some("serve-http") => {
             let addrs = args
@@ -73,7 +95,26 @@ fn main() {
     }
 }
 
-async fn serve(args: &[String]) {
+/// Prints a line per datagram on `addr` and echoes it, on a thread of its own.
+fn record_udp(addr: SocketAddr) {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    if addr.is_ipv6() {
+        // Both wildcards are bound, so each family has its own socket.
+        sock.set_only_v6(true).unwrap();
+    }
+    sock.bind(&addr.into())
+        .unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+    let s: std::net::UdpSocket = sock.into();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            println!("{}", serde_json::json!({ "datagram": from.to_string() }));
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+}
+
+async fn serve(args: &[String], announce: bool) {
     let addrs: Vec<SocketAddr> = args
         .windows(2)
         .filter(|w| w[0] == "--listen")
@@ -97,6 +138,9 @@ async fn serve(args: &[String]) {
                 let Ok((s, peer)) = l.accept().await else {
                     continue;
                 };
+                if announce {
+                    println!("{}", serde_json::json!({ "accepted": peer.to_string() }));
+                }
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(CONN_DEADLINE, serve_one(s, peer)).await;
                 });
