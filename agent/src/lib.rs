@@ -4,7 +4,8 @@
 //! Layers point one way (see docs/architecture.md): `types` at the bottom; then the
 //! system seams (`cgroup`, `netns`), `crypto`, `store` and `pump`; `identity` → `tls`;
 //! `authz`; `ebpf`; `spec` (and `state`); `telemetry`; `proxy`; `admin`; and at the top
-//! `config` and `run`, the only code that reads the configuration.
+//! `config` and `run`, the only code that reads the configuration. `privilege` stands alone
+//! (the binary calls it once, before the runtime starts).
 
 // The accept and handshake paths never queue on one std lock (see clippy.toml).
 #![deny(clippy::disallowed_types)]
@@ -22,6 +23,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod k8s;
 pub mod netns;
+pub mod privilege;
 pub mod proxy;
 pub mod pump;
 pub mod run;

@@ -255,6 +255,16 @@ fn main() -> ExitCode {
             telemetry::init(cfg.log_format, &cfg.log_level);
             tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(),
                            version = env!("CARGO_PKG_VERSION"), "starting");
+            // Before the runtime exists: capabilities are per thread, and every thread
+            // made later inherits this one's.
+            match agent::privilege::drop_to_kept() {
+                Ok(d) => tracing::info!(kept = ?d.held, dropped = d.dropped,
+                                        bounding_set = d.bounded, "capabilities dropped"),
+                Err(e) => {
+                    tracing::error!(error = %e, "agent failed");
+                    return ExitCode::FAILURE;
+                }
+            }
             let result = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -445,3 +445,95 @@ fn slow_headers_are_closed_at_the_header_timeout_and_huge_heads_refused() {
     assert_eq!(srv.seen_http().len(), 1, "the refused head reached the app");
     assert!(agent.stop().success());
 }
+
+/// An HTTP/2 client from the node: the preface and SETTINGS, then, if `trickle`, a
+/// HEADERS frame without END_HEADERS and a CONTINUATION whose payload comes a byte every
+/// 200 ms. Returns how long the agent let the connection live, or `None` if it still
+/// lived at `limit`.
+fn h2_client(to: std::net::SocketAddr, trickle: bool, limit: Duration) -> Option<Duration> {
+    use std::io::{ErrorKind, Read, Write};
+    let frame = |kind: u8, flags: u8, len: u32, payload: &[u8]| {
+        let l = len.to_be_bytes();
+        let mut f = vec![
+            l[1],
+            l[2],
+            l[3],
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            u8::from(kind != 0x4),
+        ];
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut s = std::net::TcpStream::connect_timeout(&to, WAIT).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    s.write_all(&frame(0x4, 0, 0, &[])).unwrap();
+    if trickle {
+        // HEADERS on stream 1 (END_STREAM, no END_HEADERS): :method GET, :scheme http.
+        s.write_all(&frame(0x1, 0x1, 2, &[0x82, 0x86])).unwrap();
+        // A CONTINUATION announcing 200 bytes of header block.
+        s.write_all(&frame(0x9, 0x4, 200, &[])).unwrap();
+    }
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < limit {
+        if trickle && s.write_all(&[0x84]).is_err() {
+            return Some(start.elapsed());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            // The agent's SETTINGS and ACK: the connection lives.
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn http2_headers_trickled_are_closed_at_the_header_timeout_and_idle_http2_is_not() {
+    let Some(node) = node("authz_h2_slowloris", &["b"]) else {
+        return;
+    };
+    let b = node.pod("b");
+    let srv = b.serve_http(&[8080]);
+    let policy = write_policy(
+        &node,
+        "b.yaml",
+        "default: deny\nrules:\n  - name: plain-http\n    action: allow\n    from: { unauthenticated: true }\n    http: { paths: [\"/*\"] }\n",
+    );
+    let cfg = AgentConfig::new(&node)
+        .value("http_header_timeout_ms", 1500)
+        .pod_extra(b, "closed", &format!("policy = \"{}\"", policy.display()));
+    let mut agent = Agent::start(&cfg);
+    let to = at(b, false, 8080);
+    let idle = std::thread::spawn(move || h2_client(to, false, Duration::from_secs(4)));
+    let slow: Vec<_> = (0..3)
+        .map(|_| std::thread::spawn(move || h2_client(to, true, Duration::from_secs(10))))
+        .collect();
+    for (i, t) in slow.into_iter().enumerate() {
+        let held = t.join().unwrap();
+        let held = held.unwrap_or_else(|| panic!("trickling HTTP/2 client {i} was never closed"));
+        println!("trickling HTTP/2 client {i} closed after {held:?}");
+        assert!(
+            held >= Duration::from_millis(1000) && held < Duration::from_secs(5),
+            "client {i} closed at {held:?}, not at the 1.5 s header timeout"
+        );
+    }
+    assert_eq!(
+        idle.join().unwrap(),
+        None,
+        "an idle HTTP/2 connection (no request begun) was closed by the header timeout"
+    );
+    assert!(
+        srv.seen_http().is_empty(),
+        "a partial request reached the app"
+    );
+    assert!(agent.stop().success());
+}

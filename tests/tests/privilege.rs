@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 
 use common::*;
-use simnode::{pki::DevCa, Agent, AgentConfig};
+use simnode::{pki::DevCa, Agent, AgentConfig, Enrol};
 
 /// Lets others traverse (not list) `dir`, so that only the file's own mode decides.
 fn traversable(dir: &std::path::Path) {
@@ -84,5 +84,58 @@ fn a_non_root_process_in_an_enrolled_pod_cannot_read_keys_or_use_the_admin_socke
         .output()
         .unwrap();
     assert!(root.status.success(), "{root:?}");
+    assert!(agent.stop().success());
+}
+
+/// The capability sets of every thread of process `pid`, by name (`CapEff`, ...).
+fn thread_caps(pid: u32) -> Vec<std::collections::BTreeMap<String, u64>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the agent's threads");
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter_map(|l| l.split_once(":\t"))
+                .filter(|(k, _)| k.starts_with("Cap"))
+                .map(|(k, v)| (k.to_string(), u64::from_str_radix(v.trim(), 16).unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_agent_keeps_only_the_capabilities_it_documents_and_still_enrols_pods() {
+    let Some(node) = node("privilege_caps", &["a", "b"]) else {
+        return;
+    };
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let _srv = b.serve(&[8080]);
+    let mut agent = Agent::start(&AgentConfig::new(&node));
+    // CAP_NET_ADMIN 12, CAP_SYS_PTRACE 19, CAP_SYS_ADMIN 21, CAP_BPF 39: the README's list.
+    let kept: u64 = (1 << 12) | (1 << 19) | (1 << 21) | (1 << 39);
+    let threads = thread_caps(agent.pid().expect("running"));
+    assert!(threads.len() > 1, "the runtime's threads are missing");
+    for caps in &threads {
+        for set in ["CapEff", "CapPrm", "CapBnd"] {
+            assert_eq!(caps[set], kept, "{set} of a thread: {caps:x?}");
+        }
+        assert_eq!((caps["CapInh"], caps["CapAmb"]), (0, 0), "{caps:x?}");
+    }
+    let logged = agent.wait_for(
+        "capabilities dropped",
+        |e| e["message"] == "capabilities dropped",
+        WAIT,
+    );
+    println!("agent threads: {}, {logged}", threads.len());
+    // What it kept is enough for its work at runtime: enrol two pods, attach, setns,
+    // proxy a connection between them.
+    agent.enroll_ok(&Enrol::pod(a));
+    agent.enroll_ok(&Enrol::pod(b));
+    let to = at(b, false, 8080);
+    let r = a.client(to, &[]);
+    let r = only(&r.results);
+    assert!(redirected(r), "not redirected: {r:?}");
+    record(&agent, &r.local, to);
     assert!(agent.stop().success());
 }

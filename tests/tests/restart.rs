@@ -73,7 +73,9 @@ fn a_restarted_agent_readopts_runtime_pods_and_the_fail_closed_one_never_leaks()
         .iter()
         .map(|n| ca.issue(&format!("{TD}/{n}"), &node.tmp().join(n), false))
         .collect();
-    let _srv = c.serve(&[8080]);
+    // The STRICT pod's application records every connection as it arrives: nothing may
+    // reach it except through its agent, before, during or after the kill.
+    let witness = c.record(&[8080], &[]);
     let to = at(c, false, 8080);
     let mut first = Agent::start(&config(&node));
     first.enroll_ok(&Enrol::pod(a).fail_mode("open").identity(&ids[0]));
@@ -120,6 +122,16 @@ fn a_restarted_agent_readopts_runtime_pods_and_the_fail_closed_one_never_leaks()
         ready.duration_since(restarted).as_secs_f64(),
         seen.iter().filter(|(_, ok)| !ok).count(),
         seen.len()
+    );
+    let gap = flowing.saturating_duration_since(restarted);
+    assert!(
+        gap < Duration::from_secs(1),
+        "traffic took {gap:?} to flow again after the restart"
+    );
+    assert!(
+        witness.direct().is_empty(),
+        "plaintext reached the STRICT application around its agent: {:?}",
+        witness.direct()
     );
     // No connection that started while no agent served the pods got through.
     let down: Vec<bool> = seen

@@ -60,6 +60,16 @@ enum Cmd {
         /// Only re-render results.md and the chart from target/bench/results.json.
         #[arg(long)]
         render: bool,
+        /// Instead of the arms: hold many proxied mutual TLS connections open at once and
+        /// report the agents' memory per connection (target/bench/scale.json).
+        #[arg(long)]
+        scale: bool,
+        /// With --scale: how many connections.
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+        /// With --scale: how long they are held, seconds.
+        #[arg(long, default_value_t = 60)]
+        hold_secs: u64,
     },
 }
 
@@ -113,6 +123,9 @@ fn main() -> Result<()> {
             profile,
             rounds,
             render,
+            scale,
+            conns,
+            hold_secs,
         } => {
             if render {
                 return bench::render();
@@ -150,6 +163,13 @@ fn main() -> Result<()> {
                         format!("{release}{bin}"),
                     );
                 }
+            }
+            if scale {
+                let opts = bench::ScaleOpts {
+                    conns,
+                    hold: std::time::Duration::from_secs(hold_secs),
+                };
+                return bench::scale(&opts).map(|_| ());
             }
             bench::run(&opts)
         }
@@ -222,6 +242,11 @@ fn test() -> Result<()> {
         rounds: None,
     };
     bench::run(&quick).context("the quick benchmark failed")?;
+    let small = bench::ScaleOpts {
+        conns: 200,
+        hold: std::time::Duration::from_secs(2),
+    };
+    bench::scale(&small).context("the quick scale benchmark failed")?;
     // Every parser a peer or an operator can feed, fuzzed for a bounded time.
     let fuzzed = fuzz::run(FUZZ_SECONDS, &[]).context("fuzzing failed")?;
     let inputs: u64 = fuzzed.iter().map(|o| o.runs).sum();

@@ -132,6 +132,14 @@ impl PodLinks {
         remove_dir_if_empty(&self.dir);
     }
 
+    /// Closes this agent's handles without touching any pin: after a hot restart the new
+    /// agent has replaced the pinned links (the pins at these paths are its own), so the
+    /// old links detach as their last descriptor, this one, closes.
+    pub fn hand_over(mut self) {
+        self.sock_ops.take();
+        self.blocking.clear();
+    }
+
     /// Leaves the pinned links in the kernel (the pod stays blocked) and detaches the rest.
     pub fn leave_pinned(mut self) {
         self.sock_ops.take();

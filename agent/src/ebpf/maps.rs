@@ -263,12 +263,16 @@ pub struct OrigDstTable {
     fd: OwnedFd,
     /// Tells this table's per-thread handles from another table's (tests load several).
     id: u64,
+    /// After a hot restart, the previous agent's map: its programs may still redirect a
+    /// connection (recording it there) that this agent accepts.
+    previous: std::sync::OnceLock<OwnedFd>,
 }
 
 type OrigDstMap = HashMap<MapData, SockKey, OrigDst>;
 
 thread_local! {
     static LOCAL_ORIG_DST: RefCell<Option<(u64, OrigDstMap)>> = const { RefCell::new(None) };
+    static LOCAL_PREVIOUS: RefCell<Option<(u64, OrigDstMap)>> = const { RefCell::new(None) };
 }
 
 impl OrigDstTable {
@@ -286,28 +290,60 @@ impl OrigDstTable {
         Ok(Self {
             fd,
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            previous: std::sync::OnceLock::new(),
         })
     }
 
-    fn handle(&self) -> Option<OrigDstMap> {
-        let data = MapData::from_fd(self.fd.try_clone().ok()?).ok()?;
+    /// A second descriptor of the map, for a new agent to look in (hot restart).
+    pub fn dup_fd(&self) -> std::io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
+    /// Also looks in a previous agent's map (its descriptor, handed over) when this one
+    /// has no entry. Checked like our own: the same key and value sizes, or refused.
+    pub fn adopt_previous(&self, fd: OwnedFd) -> Result<(), EbpfError> {
+        let name = agent_common::MAP_ORIG_DST;
+        let data = MapData::from_fd(fd.try_clone().map_err(super::io_err(name))?)
+            .map_err(map_err(name))?;
+        let _: OrigDstMap = OrigDstMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
+        let _ = self.previous.set(fd);
+        Ok(())
+    }
+
+    fn handle(fd: &OwnedFd) -> Option<OrigDstMap> {
+        let data = MapData::from_fd(fd.try_clone().ok()?).ok()?;
         OrigDstMap::try_from(Map::LruHashMap(data)).ok()
     }
 
     /// Looks the entry up and deletes it: each redirected connection is accepted once, and
     /// the LRU map must not fill with entries nobody will read again.
     pub fn take(&self, key: &SockKey) -> Option<OrigDst> {
-        LOCAL_ORIG_DST.with(|local| {
-            let mut local = local.borrow_mut();
-            if local.as_ref().is_none_or(|(id, _)| *id != self.id) {
-                *local = Some((self.id, self.handle()?));
-            }
-            let (_, map) = local.as_mut()?;
-            let orig = map.get(key, 0).ok()?;
-            let _ = map.remove(key);
-            Some(orig)
-        })
+        let ours = take_from(&LOCAL_ORIG_DST, self.id, &self.fd, key);
+        match (ours, self.previous.get()) {
+            (None, Some(previous)) => take_from(&LOCAL_PREVIOUS, self.id, previous, key),
+            (ours, _) => ours,
+        }
     }
+}
+
+/// Looks `key` up in the map behind `fd` through this thread's handle (made once per
+/// table), and deletes it.
+fn take_from(
+    local: &'static std::thread::LocalKey<RefCell<Option<(u64, OrigDstMap)>>>,
+    id: u64,
+    fd: &OwnedFd,
+    key: &SockKey,
+) -> Option<OrigDst> {
+    local.with(|local| {
+        let mut local = local.borrow_mut();
+        if local.as_ref().is_none_or(|(have, _)| *have != id) {
+            *local = Some((id, OrigDstTable::handle(fd)?));
+        }
+        let (_, map) = local.as_mut()?;
+        let orig = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        Some(orig)
+    })
 }
 
 /// The kernel's per-CPU event counters, summed.

@@ -74,12 +74,18 @@ where
     });
     let svc_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), req));
-    let builder = server(&ctx.facts.shared.settings);
-    let result = builder.serve_connection(TokioIo::new(io), service).await;
+    let settings = &ctx.facts.shared.settings;
+    let builder = server(settings);
+    // The idle timeout, and HTTP/2's header deadline, which hyper does not keep itself.
+    let (io, watch) = super::watch::watch(io, settings.idle_timeout, settings.http_header_timeout);
+    let error = tokio::select! {
+        r = builder.serve_connection(TokioIo::new(io), service) => r.err().map(|e| e.to_string()),
+        reason = watch.expired() => Some(reason),
+    };
     HttpOutcome {
         requests: ctx.requests.load(Ordering::Relaxed),
         denied: ctx.denied.load(Ordering::Relaxed),
-        error: result.err().map(|e| e.to_string()),
+        error,
     }
 }
 

@@ -10,6 +10,7 @@ pub(crate) mod http;
 pub mod inbound;
 pub mod limits;
 pub mod outbound;
+pub(crate) mod watch;
 
 use std::{
     collections::HashMap,
@@ -197,12 +198,21 @@ impl std::fmt::Debug for PodTls {
 }
 
 impl Pod {
-    /// Binds a listener on `127.0.0.1:port` and `[::1]:port` inside the pod's namespace.
-    /// IPv6 is skipped (with a warning) only when the namespace has no IPv6 loopback at
-    /// all: then no IPv6 connection can happen there either.
-    pub fn bind_loopback(&self, port: u16) -> Result<Vec<std::net::TcpListener>, ProxyError> {
+    /// The pod's listeners on `127.0.0.1:port` and `[::1]:port`: each one `inherited`
+    /// gives (a socket a previous agent handed over), else bound now inside the pod's
+    /// namespace. IPv6 is skipped (with a warning) only when the namespace has no IPv6
+    /// loopback at all: then no IPv6 connection can happen there either.
+    pub fn listeners(
+        &self,
+        port: u16,
+        inherited: &mut dyn FnMut(SocketAddr) -> Option<std::net::TcpListener>,
+    ) -> Result<Vec<std::net::TcpListener>, ProxyError> {
         let mut out = Vec::new();
         for addr in loopback_listen_addrs(port) {
+            if let Some(l) = inherited(addr) {
+                out.push(l);
+                continue;
+            }
             match self.netns.run(|| listen(addr))? {
                 Ok(l) => out.push(l),
                 Err(e)

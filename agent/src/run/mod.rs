@@ -3,6 +3,7 @@
 //! SIGTERM/SIGINT stop in an order that never leaves a pod less protected than its fail
 //! mode promises. The only reader of [`crate::config`].
 
+mod handover;
 mod init;
 mod node;
 mod restore;
@@ -44,6 +45,8 @@ pub enum RunError {
     Enroll { pod: String, reason: String },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Handover(#[from] handover::HandoverError),
 }
 
 /// How often the agent looks for pods whose network namespace went away.
@@ -101,10 +104,27 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             node_mode: cfg.node.clone(),
         },
         state,
-        events_tx,
+        events_tx.clone(),
         admin.clone(),
         own_dir,
     );
+    // Hot restart: an agent still running here hands over its listeners first.
+    let takeover = handover::request(&cfg.state_dir)?;
+    if let Some(t) = &takeover {
+        if let Some(fd) = t.orig_dst.as_ref().and_then(|fd| fd.try_clone().ok()) {
+            if let Err(e) = shared.orig_dst.adopt_previous(fd) {
+                warn!(error = %e, "the previous agent's original-destination map is not usable: its last redirects may be refused");
+            }
+        }
+        info!(
+            listeners = t.listeners.len(),
+            "taking over from the running agent"
+        );
+    }
+    let takeover = takeover.map(|mut t| {
+        node.inherit(std::mem::take(&mut t.listeners));
+        t
+    });
     if let Err(e) = restore::restore(&mut node, cfg.pods.clone()).await {
         // The cause is reported once, by the caller that exits with it.
         warn!("enrollment failed; releasing the pods enrolled so far");
@@ -119,6 +139,16 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     admin
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = takeover {
+        let unused = node.unused_inherited();
+        t.ready()?;
+        info!(
+            pods = node.served_count(),
+            unused_listeners = unused,
+            "took over from the previous agent: it stops accepting and drains"
+        );
+    }
+    handover::serve(&cfg.state_dir, events_tx.clone())?;
     info!(pods = node.served_count(), outbound_port = cfg.outbound_port,
           inbound_port = cfg.inbound_port, admin_socket = %cfg.admin_socket.display(),
           state_dir = %cfg.state_dir.display(), "agent ready");
@@ -127,6 +157,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
     let mut reap = tokio::time::interval(REAP_EVERY);
+    let mut handed_over = false;
     loop {
         tokio::select! {
             _ = term.recv() => { info!(signal = "SIGTERM", "signal received"); break }
@@ -139,6 +170,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             Some(ev) = events.recv() => match ev {
                 Event::Addresses { name, gen, addrs } => node.addresses(&name, gen, addrs),
                 Event::Drained { name, gen, open, cut } => node.drained(&name, gen, open, cut),
+                Event::Handover(reply) => { let _ = reply.send(node.offer()); }
+                Event::HandedOver => { handed_over = true; break }
             },
             _ = reap.tick() => node.reap(),
         }
@@ -146,6 +179,16 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     admin
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
+    if handed_over {
+        // The admin socket, the handover socket, the pins and the state are the new
+        // agent's now: nothing of them is removed.
+        info!("handed over to a new agent: no new connections here; draining");
+        let (counters, metrics) = (node.kernel().counters.clone(), node.metrics());
+        node.hand_over(cfg.drain_timeout).await;
+        log_counters(&counters, &metrics);
+        info!("agent stopped (handed over)");
+        return Ok(());
+    }
     info!("stopping: no new connections; draining");
     finish(node, &cfg, cfg.drain_timeout).await;
     let _ = std::fs::remove_file(&cfg.admin_socket);
@@ -159,12 +202,16 @@ async fn finish(node: Node, cfg: &Config, deadline: std::time::Duration) {
     let counters = node.kernel().counters.clone();
     let metrics = node.metrics();
     node.shutdown(deadline).await;
-    let kernel: std::collections::BTreeMap<&str, u64> = counters.snapshot().into_iter().collect();
-    info!(counters = %serde_json::to_string(&kernel).unwrap_or_default(), "kernel counters");
-    info!(counters = %serde_json::to_string(&metrics.events()).unwrap_or_default(), "proxy counters");
+    log_counters(&counters, &metrics);
     if crate::ebpf::pinned_pods(&cfg.pin_root).is_empty() {
         crate::ebpf::dump::unpin_maps(&cfg.pin_root);
     }
+}
+
+fn log_counters(counters: &crate::ebpf::Counters, metrics: &crate::telemetry::metrics::Metrics) {
+    let kernel: std::collections::BTreeMap<&str, u64> = counters.snapshot().into_iter().collect();
+    info!(counters = %serde_json::to_string(&kernel).unwrap_or_default(), "kernel counters");
+    info!(counters = %serde_json::to_string(&metrics.events()).unwrap_or_default(), "proxy counters");
 }
 
 /// Every proxied connection costs two descriptors; the usual soft limit of 1024 would cap

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -62,6 +62,10 @@ pub(super) enum Event {
         open: usize,
         cut: usize,
     },
+    /// A new agent asks for this one's listeners (hot restart).
+    Handover(oneshot::Sender<super::handover::Offer>),
+    /// The new agent serves every pod: stop accepting and drain.
+    HandedOver,
 }
 
 /// How a served pod got here, for the admin view.
@@ -107,6 +111,10 @@ struct Served {
     addr_task: tokio::task::JoinHandle<()>,
     /// Set while a release drains the pod: who is waiting for it to finish.
     releasing: Option<Vec<oneshot::Sender<ControlReply>>>,
+    /// A second descriptor of each listening socket, for a hot restart to hand over.
+    /// Dropped as soon as the pod stops accepting, so a closed pod's listeners really
+    /// close (sk_lookup then finds no socket and drops).
+    listeners: Vec<(SocketAddr, std::net::TcpListener)>,
     /// Its links replaced pinned ones (a previous agent's, or its own while blocked).
     adopted: bool,
     /// Once drained, remove everything rather than honour the fail mode (the runtime
@@ -157,6 +165,9 @@ pub(super) struct Node {
     next_gen: u64,
     /// sock_ops on the agent's own cgroup, once a pod wants the splice.
     agent_sock_ops: Option<FdLink>,
+    /// Listening sockets a previous agent handed over, by (pod, address), until the pod
+    /// is enrolled on them.
+    inherited: HashMap<(String, SocketAddr), std::net::TcpListener>,
 }
 
 fn failed(e: impl std::fmt::Display) -> ControlError {
@@ -192,6 +203,42 @@ impl Node {
             owners: HashMap::new(),
             next_gen: 1,
             agent_sock_ops: None,
+            inherited: HashMap::new(),
+        }
+    }
+
+    /// Listening sockets a previous agent handed over; pods enrolled from now on use them.
+    pub(super) fn inherit(
+        &mut self,
+        listeners: HashMap<(String, SocketAddr), std::net::TcpListener>,
+    ) {
+        self.inherited = listeners;
+    }
+
+    /// Sockets handed over but not used (the pod was not enrolled again): closed now.
+    pub(super) fn unused_inherited(&mut self) -> usize {
+        std::mem::take(&mut self.inherited).len()
+    }
+
+    /// What a new agent takes over: every served pod's listening sockets, and the map
+    /// where this agent's programs record original destinations.
+    pub(super) fn offer(&self) -> super::handover::Offer {
+        let pods = self
+            .served
+            .iter()
+            .filter(|(_, s)| s.releasing.is_none())
+            .map(|(name, s)| {
+                let fds = s
+                    .listeners
+                    .iter()
+                    .filter_map(|(addr, l)| Some((*addr, l.try_clone().ok()?.into())))
+                    .collect();
+                (name.to_string(), fds)
+            })
+            .collect();
+        super::handover::Offer {
+            pods,
+            orig_dst: self.shared.orig_dst.dup_fd().ok(),
         }
     }
 
@@ -533,13 +580,22 @@ impl Node {
             life: Lifecycle::default(),
             limits: Limits::for_pod(&self.shared.settings.limits),
         });
-        // Listeners exist before any connection can be steered to them.
+        // Listeners exist before any connection can be steered to them. Those a previous
+        // agent handed over are used as they are: what is queued in them is not lost.
+        let inherited = &mut self.inherited;
+        let mut take = |addr: SocketAddr| inherited.remove(&(name.to_string(), addr));
         let outbound = pod
-            .bind_loopback(self.settings.outbound_port)
+            .listeners(self.settings.outbound_port, &mut take)
             .map_err(failed)?;
         let inbound = pod
-            .bind_loopback(self.settings.inbound_port)
+            .listeners(self.settings.inbound_port, &mut take)
             .map_err(failed)?;
+        let mut dups = Vec::new();
+        for l in outbound.iter().chain(&inbound) {
+            if let (Ok(addr), Ok(dup)) = (l.local_addr(), l.try_clone()) {
+                dups.push((addr, dup));
+            }
+        }
         for l in &inbound {
             let v6 = l.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
             self.kernel.listeners.set(id.0, v6, l).map_err(failed)?;
@@ -624,6 +680,7 @@ impl Node {
             _watchers: watchers,
             addr_task,
             releasing: None,
+            listeners: dups,
             adopted: replaced > 0,
             remove_after_drain: false,
         })
@@ -730,6 +787,7 @@ impl Node {
             return;
         }
         s.releasing = Some(vec![reply]);
+        s.listeners.clear();
         s.remove_after_drain = remove_after_drain;
         s.addr_task.abort();
         let (gen, fail_mode, pod) = (s.gen, s.spec.fail_mode, s.pod.clone());
@@ -999,8 +1057,40 @@ impl Node {
     /// their programs and go direct, fail-closed pods are switched to refusing), open
     /// connections drain up to `deadline`, and fail-closed pods stay pinned. Records stay,
     /// so the next agent re-adopts every pod.
+    /// After a hot restart: the new agent serves every pod, on the same listening sockets
+    /// and with its own programs attached. This one stops accepting, drains its open
+    /// connections within `deadline`, and lets go of its links without unpinning (the pins
+    /// are the new agent's now); it blocks, records and removes nothing.
+    pub(super) async fn hand_over(mut self, deadline: Duration) {
+        for s in self.served.values_mut() {
+            s.listeners.clear();
+            s.addr_task.abort();
+        }
+        let lives: Vec<Arc<Pod>> = self.served.values().map(|s| s.pod.clone()).collect();
+        let drains = lives.iter().map(|p| p.life.drain(deadline));
+        let results = futures_util::future::join_all(drains).await;
+        let (open, cut) = results
+            .iter()
+            .fold((0, 0), |(o, c), (po, pc)| (o + po, c + pc));
+        info!(
+            drained = open,
+            cut, "handed over: the previous agent's connections are done"
+        );
+        for (_, mut s) in std::mem::take(&mut self.served) {
+            std::mem::replace(&mut s.links, PodLinks::none()).hand_over();
+            for w in s.releasing.take().unwrap_or_default() {
+                let _ = w.send(Err(ControlError::Failed(
+                    "the agent was replaced while the pod drained".into(),
+                )));
+            }
+        }
+    }
+
     pub(super) async fn shutdown(mut self, deadline: Duration) {
         let names: Vec<PodName> = self.served.keys().cloned().collect();
+        for s in self.served.values_mut() {
+            s.listeners.clear();
+        }
         for name in &names {
             let s = &self.served[name];
             info!(pod = %name, policy_reloads_ok = get(&s.pod.policy.reloads_ok),

@@ -15,7 +15,8 @@
 //!   TIME_WAIT, which would otherwise cap the rate after a few seconds.
 //! - `idle --to RR --conns C --hold-ms H`: opens C connections, exchanges one request on
 //!   each, holds them all for H ms, and prints `{"open": C}` once they are all up (on
-//!   stderr, so a harness can measure while they are held).
+//!   stderr, so a harness can measure while they are held); then exchanges one more request
+//!   on each and reports how many were still `alive` after the hold.
 
 use std::{
     net::SocketAddr,
@@ -358,7 +359,18 @@ async fn idle(to: SocketAddr, conns: usize, size: usize, hold: Duration) -> serd
         json!({"open": open.len(), "errors": errors, "first_error": first_error})
     );
     tokio::time::sleep(hold).await;
-    json!({"workload": "idle", "open": open.len(), "errors": errors})
+    let mut alive = 0usize;
+    let mut first_lost = None;
+    for s in &mut open {
+        match round_trip(s, &mut buf).await {
+            Ok(_) => alive += 1,
+            Err(e) => {
+                first_lost.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    json!({"workload": "idle", "open": open.len(), "errors": errors, "alive": alive,
+           "first_error": first_error, "first_lost": first_lost})
 }
 
 fn raise_fd_limit() {

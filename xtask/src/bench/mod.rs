@@ -11,6 +11,9 @@
 mod arms;
 mod chart;
 mod report;
+mod scale;
+
+pub use scale::{run as scale, ScaleOpts};
 
 use std::{
     net::SocketAddr,
