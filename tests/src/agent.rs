@@ -414,30 +414,19 @@ impl Agent {
 
     /// SIGTERM, then waits for a clean exit (panics after 20 s).
     pub fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("agent already stopped");
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait agent") {
-                if let Some(r) = self.reader.take() {
-                    let _ = r.join();
-                }
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "agent did not stop within 20 s of SIGTERM; log:\n{}",
-                    self.tail(60)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         }
+        self.exit_within(Duration::from_secs(20), "of SIGTERM")
     }
 
     /// Waits for the agent to exit on its own (as after a handover); panics after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        self.exit_within(timeout, "")
+    }
+
+    fn exit_within(&mut self, timeout: Duration, of: &str) -> ExitStatus {
         let mut child = self.child.take().expect("agent already stopped");
         let deadline = Instant::now() + timeout;
         loop {
@@ -450,7 +439,7 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 panic!(
-                    "agent did not exit within {timeout:?}; log:\n{}",
+                    "agent did not stop within {timeout:?} {of}; log:\n{}",
                     self.tail(60)
                 );
             }

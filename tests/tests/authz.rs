@@ -360,6 +360,15 @@ fn egress_rules_refuse_outbound_connections_before_any_upstream_connect() {
     assert!(agent.stop().success());
 }
 
+/// Allows any plaintext HTTP request: these tests are about how the head arrives.
+fn plain_http_policy(node: &simnode::Node) -> std::path::PathBuf {
+    write_policy(
+        node,
+        "b.yaml",
+        "default: deny\nrules:\n  - name: plain-http\n    action: allow\n    from: { unauthenticated: true }\n    http: { paths: [\"/*\"] }\n",
+    )
+}
+
 /// Connects from the node to `to` and sends an HTTP request head one byte every 200 ms;
 /// returns how long the agent let it go on before closing, or `None` if it never did
 /// within `limit`.
@@ -394,11 +403,7 @@ fn slow_headers_are_closed_at_the_header_timeout_and_huge_heads_refused() {
     };
     let b = node.pod("b");
     let srv = b.serve_http(&[8080]);
-    let policy = write_policy(
-        &node,
-        "b.yaml",
-        "default: deny\nrules:\n  - name: plain-http\n    action: allow\n    from: { unauthenticated: true }\n    http: { paths: [\"/*\"] }\n",
-    );
+    let policy = plain_http_policy(&node);
     let cfg = AgentConfig::new(&node)
         .value("http_header_timeout_ms", 1500)
         .value("http_max_header_bytes", 16 * 1024)
@@ -503,11 +508,7 @@ fn http2_headers_trickled_are_closed_at_the_header_timeout_and_idle_http2_is_not
     };
     let b = node.pod("b");
     let srv = b.serve_http(&[8080]);
-    let policy = write_policy(
-        &node,
-        "b.yaml",
-        "default: deny\nrules:\n  - name: plain-http\n    action: allow\n    from: { unauthenticated: true }\n    http: { paths: [\"/*\"] }\n",
-    );
+    let policy = plain_http_policy(&node);
     let cfg = AgentConfig::new(&node)
         .value("http_header_timeout_ms", 1500)
         .pod_extra(b, "closed", &format!("policy = \"{}\"", policy.display()));

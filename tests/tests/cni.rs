@@ -218,8 +218,8 @@ fn excluded_namespaces_are_left_alone_and_strict_pods_without_identity_are_block
     );
     assert_eq!(
         attached_programs(&bare.cgroup).len(),
-        2,
-        "connect4/6 pinned"
+        4,
+        "connect4/6 and sendmsg4/6 pinned"
     );
     assert_eq!(
         call(

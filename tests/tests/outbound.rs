@@ -307,13 +307,22 @@ fn sigterm_honours_fail_open_and_fail_closed() {
     let r = a.client(to, &[]);
     assert!(!redirected(only(&r.results)));
 
-    // Fail-closed: only the blocking connect programs stay, pinned; connects fail.
+    // Fail-closed: only the blocking connect programs stay, pinned (with sendmsg, which
+    // keeps the pod's UDP rule); connects fail.
     let mut kinds: Vec<String> = attached_programs(&c.cgroup)
         .into_iter()
         .map(|(t, _)| t)
         .collect();
     kinds.sort();
-    assert_eq!(kinds, ["cgroup_inet4_connect", "cgroup_inet6_connect"]);
+    assert_eq!(
+        kinds,
+        [
+            "cgroup_inet4_connect",
+            "cgroup_inet6_connect",
+            "cgroup_udp4_sendmsg",
+            "cgroup_udp6_sendmsg"
+        ]
+    );
     for v6 in [false, true] {
         let r = c.client(at(b, v6, 8080), &[]);
         assert_eq!(
@@ -333,8 +342,8 @@ fn sigterm_honours_fail_open_and_fail_closed() {
     assert!(redirected(only(&r.results)));
     assert_eq!(
         attached_programs(&c.cgroup).len(),
-        3,
-        "{:?}",
+        5,
+        "connect4/6, sendmsg4/6, sock_ops: {:?}",
         attached_programs(&c.cgroup)
     );
     assert!(agent.stop().success());

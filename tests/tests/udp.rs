@@ -55,22 +55,23 @@ fn echoed(to: SocketAddr) -> bool {
     })
 }
 
+/// The `[[pod]]` table of pod `s`: STRICT, with an SVID, allowing UDP `port`.
+fn strict_with_udp_port(node: &simnode::Node, port: u16) -> toml::Table {
+    let ca = DevCa::new(&node.tmp().join("ca"));
+    let ss = ca.issue(&format!("{TD}/s"), &node.tmp().join("s"), false);
+    let allow = node.tmp().join("allow-all.yaml");
+    let mut strict: toml::Table = ss.toml_strict(&allow).parse().expect("the SVID's TOML");
+    strict.insert("udp_allow_ports".into(), vec![i64::from(port)].into());
+    strict
+}
+
 #[test]
 fn strict_pods_drop_inbound_udp_except_allowed_ports_and_permissive_pods_are_untouched() {
     let Some(node) = node("udp_inbound", &["s", "p"]) else {
         return;
     };
     let (s, p) = (node.pod("s"), node.pod("p"));
-    let ca = DevCa::new(&node.tmp().join("ca"));
-    let ss = ca.issue(&format!("{TD}/s"), &node.tmp().join("s"), false);
-    let allow = node.tmp().join("allow-all.yaml");
-    let mut strict = toml::Table::new();
-    strict.extend(
-        ss.toml_strict(&allow)
-            .parse::<toml::Table>()
-            .expect("the SVID's TOML"),
-    );
-    strict.insert("udp_allow_ports".into(), vec![5353].into());
+    let strict = strict_with_udp_port(&node, 5353);
     let cfg = AgentConfig::new(&node)
         .pod_table(s, "closed", strict)
         .pod(p, "open");
@@ -138,17 +139,8 @@ fn outbound_udp_to_the_mesh_is_refused_for_deny_pods_except_allowed_ports() {
         return;
     };
     let (s, p) = (node.pod("s"), node.pod("p"));
-    let ca = DevCa::new(&node.tmp().join("ca"));
-    let ss = ca.issue(&format!("{TD}/s"), &node.tmp().join("s"), false);
-    let allow = node.tmp().join("allow-all.yaml");
-    let mut strict = toml::Table::new();
-    strict.extend(
-        ss.toml_strict(&allow)
-            .parse::<toml::Table>()
-            .expect("the SVID's TOML"),
-    );
     // STRICT, so udp_outbound is "deny" without saying so.
-    strict.insert("udp_allow_ports".into(), vec![5353].into());
+    let strict = strict_with_udp_port(&node, 5353);
     // A mesh network with no pod in it: refused by the trie, not by the enrolled-pod table.
     let cfg = AgentConfig::new(&node)
         .value("mesh_networks", vec!["10.213.250.0/24", "fd00:213:fa::/48"])

@@ -1057,6 +1057,16 @@ impl Node {
     /// their programs and go direct, fail-closed pods are switched to refusing), open
     /// connections drain up to `deadline`, and fail-closed pods stay pinned. Records stay,
     /// so the next agent re-adopts every pod.
+    /// Drains every served pod at once; returns (connections open at the start, cut).
+    async fn drain_all(&self, deadline: Duration) -> (usize, usize) {
+        let lives: Vec<Arc<Pod>> = self.served.values().map(|s| s.pod.clone()).collect();
+        let drains = lives.iter().map(|p| p.life.drain(deadline));
+        let results = futures_util::future::join_all(drains).await;
+        results
+            .iter()
+            .fold((0, 0), |(o, c), (po, pc)| (o + po, c + pc))
+    }
+
     /// After a hot restart: the new agent serves every pod, on the same listening sockets
     /// and with its own programs attached. This one stops accepting, drains its open
     /// connections within `deadline`, and lets go of its links without unpinning (the pins
@@ -1066,12 +1076,7 @@ impl Node {
             s.listeners.clear();
             s.addr_task.abort();
         }
-        let lives: Vec<Arc<Pod>> = self.served.values().map(|s| s.pod.clone()).collect();
-        let drains = lives.iter().map(|p| p.life.drain(deadline));
-        let results = futures_util::future::join_all(drains).await;
-        let (open, cut) = results
-            .iter()
-            .fold((0, 0), |(o, c), (po, pc)| (o + po, c + pc));
+        let (open, cut) = self.drain_all(deadline).await;
         info!(
             drained = open,
             cut, "handed over: the previous agent's connections are done"
@@ -1105,12 +1110,7 @@ impl Node {
                 }
             }
         }
-        let lives: Vec<Arc<Pod>> = self.served.values().map(|s| s.pod.clone()).collect();
-        let drains = lives.iter().map(|p| p.life.drain(deadline));
-        let results = futures_util::future::join_all(drains).await;
-        let (open, cut) = results
-            .iter()
-            .fold((0, 0), |(o, c), (po, pc)| (o + po, c + pc));
+        let (open, cut) = self.drain_all(deadline).await;
         if cut > 0 {
             warn!(
                 open = cut,

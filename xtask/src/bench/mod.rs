@@ -367,7 +367,6 @@ fn workloads(ctx: &Ctx) -> Result<Value> {
 
 /// Opens `n` proxied connections, holds them, and reads the proxies' RSS meanwhile.
 fn idle_rss(ctx: &Ctx, n: usize) -> Result<(usize, u64)> {
-    use std::io::BufRead;
     let args: Vec<String> = [
         "idle",
         "--to",
@@ -383,13 +382,7 @@ fn idle_rss(ctx: &Ctx, n: usize) -> Result<(usize, u64)> {
     let mut cmd = ctx.loadgen_cmd(&args);
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().context("spawn loadgen idle")?;
-    let stderr = child.stderr.take().context("loadgen stderr")?;
-    let line = std::io::BufReader::new(stderr)
-        .lines()
-        .next()
-        .transpose()?
-        .unwrap_or_default();
-    let report: Value = serde_json::from_str(&line).unwrap_or_default();
+    let report = first_stderr_json(&mut child)?;
     let open = report["open"].as_u64().unwrap_or(0) as usize;
     if open < n {
         println!(
@@ -402,6 +395,18 @@ fn idle_rss(ctx: &Ctx, n: usize) -> Result<(usize, u64)> {
     let rss = rss_kib(ctx.pids);
     let _ = child.wait();
     Ok((open, rss))
+}
+
+/// The JSON line a `loadgen idle` prints on stderr once its connections are all up.
+fn first_stderr_json(child: &mut std::process::Child) -> Result<Value> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().context("loadgen stderr")?;
+    let line = std::io::BufReader::new(stderr)
+        .lines()
+        .next()
+        .transpose()?
+        .unwrap_or_default();
+    Ok(serde_json::from_str(&line).unwrap_or_default())
 }
 
 /// Summed VmRSS of `pids`, KiB.

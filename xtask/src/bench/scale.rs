@@ -16,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use simnode::{app::start_server, pki::DevCa, workspace_bin, Agent, AgentConfig, Node};
 
-use super::{out_dir, rss_kib};
+use super::{first_stderr_json, out_dir, rss_kib};
 
 /// Descriptors an agent keeps for itself (maps, listeners, watches, the runtime), with
 /// room to spare.
@@ -115,16 +115,8 @@ pub fn run(opts: &ScaleOpts) -> Result<Value> {
         clients.push(cmd.spawn().context("spawn loadgen idle")?);
     }
     // Each client says on stderr when all its connections are up: measure then.
-    let mut opened = Vec::new();
     for child in &mut clients {
-        use std::io::BufRead;
-        let stderr = child.stderr.take().context("loadgen stderr")?;
-        let line = std::io::BufReader::new(stderr)
-            .lines()
-            .next()
-            .transpose()?
-            .unwrap_or_default();
-        opened.push(serde_json::from_str::<Value>(&line).unwrap_or_default());
+        first_stderr_json(child)?;
     }
     let open_after = started.elapsed();
     std::thread::sleep(Duration::from_millis(500));
