@@ -102,12 +102,18 @@ fn render(view: &View, v: &Value) -> String {
                     ("programs", "PROGRAMS"),
                 ],
             );
+            let features = v["kernel"]["features"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let present = features.iter().filter(|f| f["available"] == true).count();
             format!(
-                "agent {}  up {}s  ready {}  kernel {}  active connections {}\n\n{pods}",
+                "agent {}  up {}s  ready {}  kernel {} ({present} of {} features probed present)  active connections {}\n\n{pods}",
                 v["version"].as_str().unwrap_or("?"),
                 v["uptime_seconds"],
                 v["ready"],
                 v["kernel"]["release"].as_str().unwrap_or("?"),
+                features.len(),
                 v["connections_active"]
             )
         }

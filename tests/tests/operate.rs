@@ -78,6 +78,40 @@ fn every_inspection_command_against_a_running_agent() {
         .to_string()
         .contains("sk_lookup"));
     assert!(table(&node, &["status"]).contains("sk_lookup"));
+    // What the kernel was probed for at start: every program type, map type and helper
+    // per program type the agent uses, each with the release that brought it.
+    let features = status["kernel"]["features"]
+        .as_array()
+        .expect("probed features");
+    for name in [
+        "sk_lookup programs",
+        "SOCKHASH maps",
+        "bpf_get_netns_cookie in sock_ops programs",
+        "bpf_sk_assign in sk_lookup programs",
+    ] {
+        let f = features
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not probed: {features:?}"));
+        assert_eq!(f["available"], true, "{f}");
+        assert!(
+            f["since"]
+                .as_str()
+                .is_some_and(|v| v.starts_with(['4', '5'])),
+            "{f}"
+        );
+    }
+    assert!(
+        features.iter().all(|f| f["available"] == true),
+        "a feature is missing on the kernel the suite runs on: {features:?}"
+    );
+    let line = table(&node, &["status"]);
+    let probed = format!(
+        "({} of {} features probed present)",
+        features.len(),
+        features.len()
+    );
+    assert!(line.contains(&probed), "{line}");
 
     let pods = json(&node, &["pods"]);
     let pb = pods

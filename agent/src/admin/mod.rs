@@ -128,6 +128,8 @@ pub struct Admin {
     pub ready: AtomicBool,
     pub pods: ArcSwap<Vec<PodView>>,
     shared: Arc<Shared>,
+    /// What the kernel was found to offer at start.
+    features: Vec<crate::ebpf::probe::Feature>,
     counters: Arc<Counters>,
     pin_root: PathBuf,
     control: mpsc::Sender<Control>,
@@ -136,6 +138,7 @@ pub struct Admin {
 impl Admin {
     pub fn new(
         shared: Arc<Shared>,
+        features: Vec<crate::ebpf::probe::Feature>,
         counters: Arc<Counters>,
         pin_root: PathBuf,
         control: mpsc::Sender<Control>,
@@ -144,6 +147,7 @@ impl Admin {
             started: Instant::now(),
             ready: AtomicBool::new(false),
             pods: ArcSwap::from_pointee(Vec::new()),
+            features,
             shared,
             counters,
             pin_root,
@@ -391,8 +395,11 @@ impl Admin {
                 "release": release,
                 // Loaded and verified by this kernel at start (the agent refuses to run
                 // without any of them), and attached through BPF links.
-                "programs_loaded": ["cgroup/connect4", "cgroup/connect6", "sock_ops", "sk_lookup"],
-                "maps": ["hash", "lru_hash", "lpm_trie", "percpu_array", "sockmap", "ringbuf"],
+                "programs_loaded": ["cgroup/connect4", "cgroup/connect6", "cgroup/sendmsg4",
+                                    "cgroup/sendmsg6", "sock_ops", "sk_lookup", "sk_msg"],
+                "maps": ["hash", "lru_hash", "lpm_trie", "percpu_array", "sockmap", "sockhash", "ringbuf"],
+                // Probed before loading: program types, map types, helpers per program type.
+                "features": self.features,
             },
             "connections_active": self.shared.metrics.live().len(),
             "pods": pods.iter().map(|p| json!({"name": p.name, "state": p.state, "programs": p.programs})).collect::<Vec<_>>(),

@@ -5,6 +5,7 @@ pub mod dump;
 mod links;
 mod loader;
 mod maps;
+pub mod probe;
 
 pub use links::{attach_sock_ops, pin_dir, pinned_pods, pins_are_stale, uninstall, PodLinks};
 pub use loader::Kernel;

@@ -19,6 +19,7 @@ pub fn init(cfg: &Config) -> Result<String, RunError> {
     let [pod] = cfg.pods.as_slice() else {
         unreachable!("the configuration was validated for exactly one pod");
     };
+    crate::ebpf::probe::require(&crate::ebpf::probe::probe())?;
     let (mut kernel, _orig_dst) = Kernel::load(0, &cfg.pin_root)?;
     let netns = Netns::open(&pod.netns)?;
     let cookie = netns.cookie()?;

@@ -47,6 +47,8 @@ pub enum RunError {
     Signals(std::io::Error),
     #[error(transparent)]
     Handover(#[from] handover::HandoverError),
+    #[error(transparent)]
+    Unsupported(#[from] crate::ebpf::probe::Unsupported),
 }
 
 /// How often the agent looks for pods whose network namespace went away.
@@ -55,6 +57,13 @@ const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 pub async fn run(cfg: Config) -> Result<(), RunError> {
     raise_fd_limit();
     let state = StateDir::open(&cfg.state_dir)?;
+    // Before anything is loaded: a missing feature is one sentence, not a verifier dump.
+    let features = crate::ebpf::probe::probe();
+    crate::ebpf::probe::require(&features)?;
+    info!(
+        features = features.len(),
+        "kernel features probed: every one the agent uses is there"
+    );
     let (mut kernel, orig_dst) =
         Kernel::load(telemetry::kernel_log_level(&cfg.log_level), &cfg.pin_root)?;
     kernel.spawn_log_forwarder()?;
@@ -86,6 +95,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let (control_tx, mut control_rx) = mpsc::channel(64);
     let admin = Admin::new(
         shared.clone(),
+        features,
         kernel.counters.clone(),
         cfg.pin_root.clone(),
         control_tx,
