@@ -119,24 +119,18 @@ fn classify(ctx: &SockAddrContext) -> Verdict {
     // would have to move itself into another cgroup, which needs write access to that
     // cgroup's `cgroup.procs` on the host. Marks, source addresses and ports are all
     // settable by the application and are deliberately not used.
-    // SAFETY: helper without arguments.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if AGENT_CGROUPS.get_ptr(cgroup).is_some() {
+    if is_agent_socket() {
         bump(COUNTER_AGENT_SOCKET);
         return Verdict::Pass(ALLOW);
     }
-    // SAFETY: valid context pointer for this program type.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(cfg) = POD_CONFIG.get_ptr(netns) else {
+    let Some(cfg) = pod_config(ctx) else {
         // The program is only attached to enrolled pods' cgroups, so a connect from a
         // namespace we do not know is a process that left its pod's network namespace.
         // Complete mediation: refuse rather than let it out unseen.
         bump(COUNTER_UNKNOWN_NETNS);
-        warn!(ctx, "refusing connect from unknown netns {}", netns);
+        warn!(ctx, "refusing connect from a network namespace no pod has");
         return Verdict::Pass(DENY);
     };
-    // SAFETY: a map value pointer returned by the kernel is valid for this program run.
-    let cfg = unsafe { *cfg };
     if cfg.flags & POD_FLAG_BLOCK != 0 {
         bump(COUNTER_BLOCKED);
         warn!(
@@ -146,6 +140,23 @@ fn classify(ctx: &SockAddrContext) -> Verdict {
         return Verdict::Pass(DENY);
     }
     Verdict::Pod(cfg)
+}
+
+/// Whether the calling task is the agent's own (its upstream sockets are never redirected).
+#[inline(always)]
+pub(crate) fn is_agent_socket() -> bool {
+    // SAFETY: helper without arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    AGENT_CGROUPS.get_ptr(cgroup).is_some()
+}
+
+/// The enrolled pod whose network namespace the socket is in.
+#[inline(always)]
+pub(crate) fn pod_config(ctx: &SockAddrContext) -> Option<PodConfig> {
+    // SAFETY: valid context pointer for this program type.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: a map value pointer returned by the kernel is valid for this program run.
+    POD_CONFIG.get_ptr(netns).map(|cfg| unsafe { *cfg })
 }
 
 /// Whether a destination bypasses the agent for this pod.

@@ -15,17 +15,12 @@ use agent_common::{
     v4_mapped, PortKey, COUNTER_UDP_OUTBOUND_ALLOWED, COUNTER_UDP_OUTBOUND_DENIED,
     POD_FLAG_UDP_DENY,
 };
-use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie},
-    macros::cgroup_sock_addr,
-    maps::lpm_trie::Key,
-    programs::SockAddrContext,
-    EbpfContext,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, maps::lpm_trie::Key, programs::SockAddrContext};
 
 use crate::{
-    maps::{bump, AGENT_CGROUPS, MESH_NETWORKS, POD_ADDRS, POD_CONFIG, UDP_ALLOW_PORTS},
-    words_to_bytes, ALLOW, DENY,
+    is_agent_socket,
+    maps::{bump, MESH_NETWORKS, POD_ADDRS, UDP_ALLOW_PORTS},
+    pod_config, words_to_bytes, ALLOW, DENY,
 };
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -77,20 +72,14 @@ pub(crate) fn dst6(ctx: &SockAddrContext) -> ([u8; 16], u16) {
 /// The verdict on a UDP connect or send from an enrolled pod's cgroup to `addr:port`.
 #[inline(always)]
 pub(crate) fn outbound(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> i32 {
-    // SAFETY: helper without arguments.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if AGENT_CGROUPS.get_ptr(cgroup).is_some() {
+    if is_agent_socket() {
         return ALLOW;
     }
-    // SAFETY: valid context pointer for this program type.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(cfg) = POD_CONFIG.get_ptr(netns) else {
+    let Some(cfg) = pod_config(ctx) else {
         // UDP from a namespace the agent does not know was never mediated; TCP from one
         // is refused by connect4/6.
         return ALLOW;
     };
-    // SAFETY: a map value pointer returned by the kernel is valid for this program run.
-    let cfg = unsafe { *cfg };
     if cfg.flags & POD_FLAG_UDP_DENY == 0 || !in_mesh(addr) {
         return ALLOW;
     }

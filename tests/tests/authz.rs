@@ -360,13 +360,17 @@ fn egress_rules_refuse_outbound_connections_before_any_upstream_connect() {
     assert!(agent.stop().success());
 }
 
-/// Allows any plaintext HTTP request: these tests are about how the head arrives.
-fn plain_http_policy(node: &simnode::Node) -> std::path::PathBuf {
-    write_policy(
+/// Pod `b` fail-closed with a policy allowing any plaintext HTTP request (these tests are
+/// about how the head arrives) and a header timeout of 1.5 s.
+fn plain_http_pod(node: &Node, b: &simnode::Pod) -> AgentConfig {
+    let policy = write_policy(
         node,
         "b.yaml",
         "default: deny\nrules:\n  - name: plain-http\n    action: allow\n    from: { unauthenticated: true }\n    http: { paths: [\"/*\"] }\n",
-    )
+    );
+    AgentConfig::new(node)
+        .value("http_header_timeout_ms", 1500)
+        .pod_extra(b, "closed", &format!("policy = \"{}\"", policy.display()))
 }
 
 /// Connects from the node to `to` and sends an HTTP request head one byte every 200 ms;
@@ -403,11 +407,7 @@ fn slow_headers_are_closed_at_the_header_timeout_and_huge_heads_refused() {
     };
     let b = node.pod("b");
     let srv = b.serve_http(&[8080]);
-    let policy = plain_http_policy(&node);
-    let cfg = AgentConfig::new(&node)
-        .value("http_header_timeout_ms", 1500)
-        .value("http_max_header_bytes", 16 * 1024)
-        .pod_extra(b, "closed", &format!("policy = \"{}\"", policy.display()));
+    let cfg = plain_http_pod(&node, b).value("http_max_header_bytes", 16 * 1024);
     let mut agent = Agent::start(&cfg);
     // Five slow clients at once: each is closed soon after the timeout, none holds on.
     let to = at(b, false, 8080);
@@ -508,10 +508,7 @@ fn http2_headers_trickled_are_closed_at_the_header_timeout_and_idle_http2_is_not
     };
     let b = node.pod("b");
     let srv = b.serve_http(&[8080]);
-    let policy = plain_http_policy(&node);
-    let cfg = AgentConfig::new(&node)
-        .value("http_header_timeout_ms", 1500)
-        .pod_extra(b, "closed", &format!("policy = \"{}\"", policy.display()));
+    let cfg = plain_http_pod(&node, b);
     let mut agent = Agent::start(&cfg);
     let to = at(b, false, 8080);
     let idle = std::thread::spawn(move || h2_client(to, false, Duration::from_secs(4)));

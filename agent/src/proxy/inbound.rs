@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
-use super::{limits, Pod, Shared};
+use super::{Pod, Shared};
 use crate::{
     authz::{Caller, Inbound},
     identity::PeerIdentity,
@@ -149,10 +149,9 @@ pub(super) async fn handle(
     log.detected(detected);
     match (detected, &pod.tls, pod.mode) {
         (Detected::AgentTls, Some(tls), _) => {
-            let permit = match limits::handshake(&pod.limits, &shared.limits) {
+            let permit = match shared.admit_handshake(&pod, Direction::Inbound) {
                 Ok(p) => p,
                 Err(shed) => {
-                    shared.shed(&pod, Direction::Inbound, shed);
                     super::reset(&client);
                     return log.refused("shed", shed.reason(), &shed);
                 }

@@ -107,6 +107,17 @@ impl Shared {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A handshake slot for `pod`, or the shed (already counted and logged) that refuses it.
+    pub fn admit_handshake(
+        &self,
+        pod: &Pod,
+        direction: Direction,
+    ) -> Result<limits::Permit, limits::Shed> {
+        limits::handshake(&pod.limits, &self.limits).inspect_err(|shed| {
+            self.shed(pod, direction, *shed);
+        })
+    }
+
     /// Counts a shed connection of `pod` and logs it (once a second per pod at most: an
     /// overload must not also flood the log).
     pub fn shed(&self, pod: &Pod, direction: Direction, shed: limits::Shed) {

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::warn;
 
-use super::{limits, Pod, Shared};
+use super::{Pod, Shared};
 use crate::{
     ebpf::addr16,
     identity::PeerIdentity,
@@ -147,10 +147,9 @@ pub(super) async fn handle(
             let connector = TlsConnector::from(tls.client.clone());
             let name = ServerName::IpAddress(dst.ip().into());
             let started = std::time::Instant::now();
-            let permit = match limits::handshake(&pod.limits, &shared.limits) {
+            let permit = match shared.admit_handshake(&pod, Direction::Outbound) {
                 Ok(p) => p,
                 Err(shed) => {
-                    shared.shed(&pod, Direction::Outbound, shed);
                     super::reset(&client);
                     return log.refused("shed", shed.reason(), &shed);
                 }
