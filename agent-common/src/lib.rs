@@ -56,7 +56,11 @@ pub const PROG_CONNECT4: &str = "connect4";
 pub const PROG_CONNECT6: &str = "connect6";
 pub const PROG_SENDMSG4: &str = "sendmsg4";
 pub const PROG_SENDMSG6: &str = "sendmsg6";
+/// sock_ops that re-keys original destinations (no helper newer than 5.7: the core path).
 pub const PROG_SOCK_OPS: &str = "record_orig_dst";
+/// sock_ops that adds both ends of an agent hop to the splice (needs
+/// `bpf_get_netns_cookie` in sock_ops, Linux 5.15): loaded only where the kernel has it.
+pub const PROG_SPLICE_TRACK: &str = "splice_track";
 pub const PROG_SK_LOOKUP: &str = "steer_inbound";
 pub const PROG_SK_MSG: &str = "splice_msg";
 

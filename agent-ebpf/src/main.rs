@@ -6,8 +6,10 @@
 //! - `record_orig_dst` (sock_ops on the same cgroup): once the kernel has picked the source port
 //!   (TCP_CONNECT_CB, before the SYN leaves), re-key the original destination by
 //!   (pod, source address, source port), which is what the proxy sees after `accept()`.
-//!   Once connections are established it also feeds the splice of accelerated pods
-//!   (`splice`, with the `splice_msg` sk_msg program).
+//!   It calls no helper newer than 5.7, so the core path runs on kernels without
+//!   `bpf_get_netns_cookie` in sock_ops.
+//! - `splice_track` and `splice_msg` (`splice`): the splice of accelerated pods, a separate
+//!   sock_ops program so that it is loaded only where the kernel offers what it calls.
 //! - `steer_inbound` (sk_lookup, `inbound`): inbound interception.
 //! - `sendmsg4` / `sendmsg6` (`udp`), with connect4/6 for UDP: outbound UDP to the mesh.
 //!
@@ -36,10 +38,7 @@ use agent_common::{
     COUNTER_REDIRECTED, COUNTER_UNKNOWN_NETNS, POD_FLAG_BLOCK,
 };
 use aya_ebpf::{
-    bindings::{
-        bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_TCP_CONNECT_CB,
-    },
+    bindings::{bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, sock_ops},
     maps::lpm_trie::Key,
@@ -304,12 +303,10 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
 
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
-    match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => record(ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            splice::track(ctx)
-        }
-        _ => Ok(()),
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        record(ctx)
+    } else {
+        Ok(())
     }
 }
 

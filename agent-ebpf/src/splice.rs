@@ -1,7 +1,8 @@
 //! Kernel splice of the loopback hop between an application and the agent in the same pod,
 //! for pods with acceleration on.
 //!
-//! - sock_ops (ACTIVE/PASSIVE_ESTABLISHED, on the pod's cgroup and on the agent's): both
+//! - `splice_track` (sock_ops, ACTIVE/PASSIVE_ESTABLISHED, on an accelerated pod's cgroup and
+//!   on the agent's): both
 //!   ends of that hop go into the SPLICE sockhash, keyed by how each socket sees the
 //!   connection. The hops are: application → outbound listener (both ends on loopback, one
 //!   of them the outbound port) and agent → application on inbound (one end the agent's
@@ -20,9 +21,12 @@ use agent_common::{
     COUNTER_SPLICE_ADDED, COUNTER_SPLICE_FALLBACK, POD_FLAG_ACCELERATE,
 };
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_INGRESS},
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    },
     helpers::bpf_get_netns_cookie,
-    macros::sk_msg,
+    macros::{sk_msg, sock_ops},
     programs::{SkMsgContext, SockOpsContext},
     EbpfContext,
 };
@@ -34,6 +38,16 @@ use crate::{
 
 /// sk_msg verdict: let the message go (redirected if a redirect was set).
 const SK_PASS: u32 = 1;
+
+#[sock_ops]
+pub fn splice_track(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let _ = track(&ctx);
+    }
+    // The return value of sock_ops only matters for callbacks that ask for a reply.
+    1
+}
 
 #[sk_msg]
 pub fn splice_msg(ctx: SkMsgContext) -> u32 {
@@ -64,9 +78,9 @@ fn is_agent_hop(k: &SpliceKey, outbound_port: u32) -> bool {
     outbound || inbound
 }
 
-/// Called from the sock_ops program once a connection is established (either side).
+/// Once a connection is established (either side).
 #[inline(always)]
-pub fn track(ctx: &SockOpsContext) -> Result<(), i32> {
+fn track(ctx: &SockOpsContext) -> Result<(), i32> {
     // SAFETY: valid context pointer for this program type (helper allowed since 5.15).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: a read-only lookup; the value is copied out at once.

@@ -107,8 +107,12 @@ fn render(view: &View, v: &Value) -> String {
                 .cloned()
                 .unwrap_or_default();
             let present = features.iter().filter(|f| f["available"] == true).count();
+            let splice = match v["kernel"]["splice"].as_str() {
+                Some(s) if s.starts_with("unavailable") => format!("; splice {s}"),
+                _ => String::new(),
+            };
             format!(
-                "agent {}  up {}s  ready {}  kernel {} ({present} of {} features probed present)  active connections {}\n\n{pods}",
+                "agent {}  up {}s  ready {}  kernel {} ({present} of {} features probed present{splice})  active connections {}\n\n{pods}",
                 v["version"].as_str().unwrap_or("?"),
                 v["uptime_seconds"],
                 v["ready"],

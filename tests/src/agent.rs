@@ -41,6 +41,13 @@ const DEFAULT_LOG_LEVEL: &str = "info,agent_ebpf=debug";
 /// that does not choose (it is off by default).
 pub const ACCELERATE_ALL: &str = "SIMNODE_ACCELERATE";
 
+/// How many programs a served eBPF pod that chooses neither `accelerate` nor `redirect` has
+/// on its cgroup: connect4/6, sendmsg4/6 and record_orig_dst, and splice_track when the run
+/// turns the splice on ([`ACCELERATE_ALL`]).
+pub fn served_cgroup_programs() -> usize {
+    5 + usize::from(std::env::var_os(ACCELERATE_ALL).is_some())
+}
+
 /// The agent's TOML config for a node, built up pod by pod as typed TOML values (lines a
 /// test gives are parsed and merged: a later key replaces an earlier one).
 pub struct AgentConfig {
@@ -361,6 +368,23 @@ impl Agent {
         let out = self.cli(&["pods", "-o", "json"]);
         assert_eq!(out.code, Some(0), "agent pods: {out:?}");
         out.json().as_array().cloned().unwrap_or_default()
+    }
+
+    /// `agent status -o json`.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "-o", "json"]);
+        assert_eq!(out.code, Some(0), "agent status: {out:?}");
+        out.json()
+    }
+
+    /// Why the splice is off on this kernel, as `agent status` says, or `None` when the
+    /// kernel runs it.
+    pub fn splice_unavailable(&self) -> Option<String> {
+        let status = self.status();
+        let splice = status["kernel"]["splice"]
+            .as_str()
+            .unwrap_or_else(|| panic!("agent status names no splice state: {status}"));
+        splice.strip_prefix("unavailable: ").map(str::to_owned)
     }
 
     /// Every log line parsed as JSON (lines that are not JSON are skipped).

@@ -10,6 +10,9 @@ use simnode::{attached_programs, command_in, Agent, AgentConfig};
 /// Both hops (app → outbound listener, agent → app on inbound) spliced, v4 and v6; small
 /// messages, a 16 MiB transfer each way with a half-close, and bytes checked end to end.
 /// (`cargo xtask test` also runs the whole suite a second time with it on in every pod.)
+/// On a kernel without what the splice calls (before 5.15) the same traffic must flow
+/// without it: the agent says so in its log, `agent status` and `agent pods`, and nothing
+/// is spliced.
 #[test]
 fn splice_carries_both_hops_intact() {
     let Some(node) = node("splice_carries_both_hops_intact", &["a", "b"]) else {
@@ -40,6 +43,43 @@ fn splice_carries_both_hops_intact() {
             assert_eq!(rec["outcome"], "ok", "{rec}");
         }
     }
+    if let Some(why) = agent.splice_unavailable() {
+        eprintln!("this kernel has no splice ({why}): checking the pods are served without it");
+        assert!(why.contains("needs Linux 5.15"), "{why}");
+        for pod in agent.pods() {
+            assert!(
+                pod["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("served without the splice")),
+                "{pod}"
+            );
+        }
+        assert!(
+            agent
+                .events()
+                .iter()
+                .any(|e| e["message"].as_str().is_some_and(
+                    |m| m.starts_with("acceleration asked for, but the splice is unavailable")
+                )),
+            "no warning that the splice is off:\n{}",
+            agent.tail(30)
+        );
+        assert_eq!(
+            attached_programs(&a.cgroup).len(),
+            5,
+            "no splice_track on a kernel without the splice: {:?}",
+            attached_programs(&a.cgroup)
+        );
+        assert!(agent.stop().success());
+        assert_eq!(counter(&agent, "splice_added"), 0);
+        return;
+    }
+    assert_eq!(
+        attached_programs(&a.cgroup).len(),
+        6,
+        "connect4/6, sendmsg4/6, record_orig_dst and splice_track: {:?}",
+        attached_programs(&a.cgroup)
+    );
     assert!(agent.stop().success());
     // Each connection puts four sockets in the sockhash (two per hop).
     let added = counter(&agent, "splice_added");

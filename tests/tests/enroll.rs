@@ -226,7 +226,7 @@ fn enrolling_twice_is_idempotent_a_different_spec_or_a_bad_field_is_refused() {
     );
     assert_eq!(
         attached_programs(&a.cgroup).len(),
-        5,
+        simnode::agent::served_cgroup_programs(),
         "duplicate cgroup attachments (connect4/6, sendmsg4/6, sock_ops)"
     );
     assert_eq!(netns_links(&a.netns_path), 1, "duplicate sk_lookup links");

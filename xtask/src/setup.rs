@@ -29,6 +29,12 @@ const TOOL_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "protobuf-compiler",
     "busybox-static",
+    // `cargo xtask vm`: qemu boots other kernels (unpacked with dpkg, modules indexed by
+    // kmod's depmod) from an initramfs that cpio packs around busybox.
+    "qemu-system-x86",
+    "cpio",
+    "kmod",
+    "xz-utils",
 ];
 pub const EBPF_TOOLCHAIN: &str = "bpf-debian";
 const BPF_LINKER_VERSION: &str = "0.13.0";

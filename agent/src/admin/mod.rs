@@ -387,16 +387,31 @@ impl Admin {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
         let pods = self.pods.load();
+        let splice_off = crate::ebpf::probe::splice_missing(&self.features).map(|f| f.missing());
+        let mut programs = vec![
+            "cgroup/connect4",
+            "cgroup/connect6",
+            "cgroup/sendmsg4",
+            "cgroup/sendmsg6",
+            "sock_ops",
+            "sk_lookup",
+        ];
+        if splice_off.is_none() {
+            programs.extend(["sock_ops (splice)", "sk_msg (splice)"]);
+        }
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),
             "ready": self.ready.load(Ordering::Relaxed),
             "kernel": {
                 "release": release,
-                // Loaded and verified by this kernel at start (the agent refuses to run
-                // without any of them), and attached through BPF links.
-                "programs_loaded": ["cgroup/connect4", "cgroup/connect6", "cgroup/sendmsg4",
-                                    "cgroup/sendmsg6", "sock_ops", "sk_lookup", "sk_msg"],
+                // Loaded and verified by this kernel at start, and attached through BPF
+                // links. The splice's two are loaded only where the kernel runs them.
+                "programs_loaded": programs,
+                "splice": match &splice_off {
+                    None => "available".to_string(),
+                    Some(why) => format!("unavailable: {why}"),
+                },
                 "maps": ["hash", "lru_hash", "lpm_trie", "percpu_array", "sockmap", "sockhash", "ringbuf"],
                 // Probed before loading: program types, map types, helpers per program type.
                 "features": self.features,

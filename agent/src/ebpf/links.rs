@@ -14,7 +14,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SK_LOOKUP};
+use agent_common::{
+    PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SK_LOOKUP, PROG_SOCK_OPS,
+    PROG_SPLICE_TRACK,
+};
 use aya::programs::{
     links::{FdLink, PinnedLink},
     CgroupAttachMode,
@@ -41,12 +44,14 @@ pub struct PodLinks {
     dir: PathBuf,
     /// connect4, connect6, sk_lookup: what keeps a fail-closed pod closed.
     blocking: Vec<Held>,
-    sock_ops: Option<FdLink>,
+    /// record_orig_dst, and splice_track for an accelerated pod.
+    sock_ops: Vec<FdLink>,
 }
 
 impl PodLinks {
-    /// Attaches connect4, connect6 and sock_ops to `cgroup` (unless `redirect` is off: an
-    /// iptables rule does the pod's outbound redirect) and sk_lookup to `netns`. With
+    /// Attaches connect4, connect6, sendmsg4/6 and record_orig_dst to `cgroup` (unless
+    /// `redirect` is off: an iptables rule does the pod's outbound redirect), splice_track
+    /// too with `splice`, and sk_lookup to `netns`. With
     /// `pin`, the blocking links are pinned under `pin_root/pod`. Links a previous agent
     /// left pinned for this pod are replaced without a gap: the old ones stay attached
     /// until the new ones are (in between, both run and the old ones may refuse: that
@@ -56,23 +61,13 @@ impl PodLinks {
         pod: &PodName,
         cgroup: &Path,
         netns: &File,
-        pin_root: &Path,
-        pin: bool,
-        redirect: bool,
+        what: Attach<'_>,
     ) -> Result<(Self, usize), EbpfError> {
+        let (pin_root, pin) = (what.pin_root, what.pin);
         let dir = pin_dir(pin_root, pod.as_str());
         let old = take_pins(&dir)?;
         let mut blocking = Vec::new();
-        let result = attach_all(
-            kernel,
-            &dir,
-            cgroup,
-            netns,
-            pin_root,
-            pin,
-            redirect,
-            &mut blocking,
-        );
+        let result = attach_all(kernel, &dir, cgroup, netns, what, &mut blocking);
         let sock_ops = match result {
             Ok(sock_ops) => sock_ops,
             Err(e) => {
@@ -115,13 +110,13 @@ impl PodLinks {
         Self {
             dir: PathBuf::new(),
             blocking: Vec::new(),
-            sock_ops: None,
+            sock_ops: Vec::new(),
         }
     }
 
     /// Detaches everything, pinned or not.
     pub fn detach(mut self) {
-        self.sock_ops.take();
+        self.sock_ops.clear();
         for held in self.blocking.drain(..) {
             if let Held::Pinned(p) = held {
                 if let Err(e) = p.unpin() {
@@ -136,13 +131,13 @@ impl PodLinks {
     /// agent has replaced the pinned links (the pins at these paths are its own), so the
     /// old links detach as their last descriptor, this one, closes.
     pub fn hand_over(mut self) {
-        self.sock_ops.take();
+        self.sock_ops.clear();
         self.blocking.clear();
     }
 
     /// Leaves the pinned links in the kernel (the pod stays blocked) and detaches the rest.
     pub fn leave_pinned(mut self) {
-        self.sock_ops.take();
+        self.sock_ops.clear();
         let pinned = self
             .blocking
             .drain(..)
@@ -152,22 +147,33 @@ impl PodLinks {
     }
 }
 
+/// What to attach for a pod, and whether to pin it.
+pub struct Attach<'a> {
+    pub pin_root: &'a Path,
+    /// Pin the blocking links (a fail-closed pod).
+    pub pin: bool,
+    /// eBPF redirect (connect4/6, sendmsg4/6, record_orig_dst); off for iptables pods.
+    pub redirect: bool,
+    /// splice_track (an accelerated pod on a kernel that runs the splice).
+    pub splice: bool,
+}
+
 /// Attaches every link of a pod into `blocking` (so the caller can undo them on error) and
-/// returns the sock_ops link.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one private step of `attach`, with its arguments"
-)]
+/// returns the sock_ops links.
 fn attach_all(
     kernel: &mut Kernel,
     dir: &Path,
     cgroup: &Path,
     netns: &File,
-    pin_root: &Path,
-    pin: bool,
-    redirect: bool,
+    what: Attach<'_>,
     blocking: &mut Vec<Held>,
-) -> Result<Option<FdLink>, EbpfError> {
+) -> Result<Vec<FdLink>, EbpfError> {
+    let Attach {
+        pin_root,
+        pin,
+        redirect,
+        splice,
+    } = what;
     let cgroup_fd = File::open(cgroup).map_err(io_err(cgroup))?;
     if pin {
         ensure_bpffs(pin_root)?;
@@ -205,24 +211,42 @@ fn attach_all(
     let id = prog.attach(netns).map_err(program_err)?;
     let link = prog.take_link(id).map_err(program_err)?;
     blocking.push(hold(PROG_SK_LOOKUP, FdLink::from(link))?);
+    let mut sock_ops = Vec::new();
     if redirect {
-        Ok(Some(attach_sock_ops(kernel, &cgroup_fd)?))
-    } else {
-        Ok(None)
+        let prog = kernel.sock_ops_program()?;
+        sock_ops.push(attach_sock_ops(prog, PROG_SOCK_OPS, &cgroup_fd)?);
     }
+    if splice {
+        if let Some(link) = attach_splice_track(kernel, &cgroup_fd) {
+            sock_ops.push(link?);
+        }
+    }
+    Ok(sock_ops)
 }
 
-/// sock_ops on a cgroup, owned (it records original destinations and feeds the splice; a
-/// pod without it is not redirected by eBPF, so nothing depends on it outliving the agent).
-pub fn attach_sock_ops(kernel: &mut Kernel, cgroup: &File) -> Result<FdLink, EbpfError> {
-    let err = |source| EbpfError::Program {
-        name: agent_common::PROG_SOCK_OPS,
-        source,
-    };
-    let prog = kernel.sock_ops_program()?;
+/// A sock_ops program on a cgroup, owned (a pod without it is not redirected by eBPF or
+/// not spliced, so nothing depends on it outliving the agent).
+fn attach_sock_ops(
+    prog: &mut aya::programs::SockOps,
+    name: &'static str,
+    cgroup: &File,
+) -> Result<FdLink, EbpfError> {
+    let err = |source| EbpfError::Program { name, source };
     let id = prog.attach(cgroup, ATTACH).map_err(err)?;
     let link = prog.take_link(id).map_err(err)?;
     Ok(FdLink::try_from(link)?)
+}
+
+/// splice_track on a cgroup, or `None` when the splice is off on this kernel.
+pub fn attach_splice_track(
+    kernel: &mut Kernel,
+    cgroup: &File,
+) -> Option<Result<FdLink, EbpfError>> {
+    let prog = match kernel.splice_track_program()? {
+        Ok(p) => p,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(attach_sock_ops(prog, PROG_SPLICE_TRACK, cgroup))
 }
 
 /// Unpins every link pinned under `dir`, keeping them attached as owned links (with the

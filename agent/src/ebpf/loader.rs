@@ -4,7 +4,7 @@ use agent_common::{
     MAP_AGENT_CGROUPS, MAP_CONNECT_ORIG, MAP_COUNTERS, MAP_EXCLUDED_CIDRS, MAP_EXCLUDED_PORTS,
     MAP_INBOUND_EXCLUDED_PORTS, MAP_INBOUND_LISTENERS, MAP_ORIG_DST, MAP_POD_ADDRS, MAP_POD_CONFIG,
     MAP_PROBE_PORTS, MAP_PROBE_SOURCES, MAP_SPLICE, PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4,
-    PROG_SENDMSG6, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCK_OPS,
+    PROG_SENDMSG6, PROG_SK_LOOKUP, PROG_SK_MSG, PROG_SOCK_OPS, PROG_SPLICE_TRACK,
 };
 use aya::{
     maps::SockHash,
@@ -28,16 +28,22 @@ pub struct Kernel {
     pub pods: PodTable,
     pub listeners: InboundListeners,
     pub counters: std::sync::Arc<Counters>,
+    /// Why the splice's programs were not loaded (the kernel lacks what they call), or
+    /// `None` when they were.
+    pub splice_off: Option<String>,
 }
 
 impl Kernel {
     /// Loads and verifies every program. `kernel_log_level` is aya-log's level (0 = off,
     /// 1 error .. 5 trace); it is checked in the kernel, so quiet levels cost nothing.
     /// Also pins the maps `agent maps` reads under `<pin_root>/maps/` (replacing those of
-    /// a previous agent), so they can be inspected from outside this process.
+    /// a previous agent), so they can be inspected from outside this process. The splice's
+    /// programs are loaded unless `splice_off` says why the kernel cannot run them: the
+    /// verifier would reject the whole program for one unknown helper.
     pub fn load(
         kernel_log_level: u8,
         pin_root: &std::path::Path,
+        splice_off: Option<String>,
     ) -> Result<(Self, OrigDstTable), EbpfError> {
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
@@ -58,7 +64,9 @@ impl Kernel {
             name: PROG_SK_LOOKUP,
             source,
         })?;
-        attach_splice(&mut ebpf)?;
+        if splice_off.is_none() {
+            load_splice(&mut ebpf)?;
+        }
         super::dump::pin_maps(&ebpf, pin_root)?;
         let pods = PodTable::new(PodMaps {
             config: take_map(&mut ebpf, MAP_POD_CONFIG)?,
@@ -86,6 +94,7 @@ impl Kernel {
                 pods,
                 listeners,
                 counters: std::sync::Arc::new(counters),
+                splice_off,
             },
             orig_dst,
         ))
@@ -128,14 +137,28 @@ impl Kernel {
         program(&mut self.ebpf, PROG_SOCK_OPS)
     }
 
+    /// The splice's sock_ops program, if it was loaded.
+    pub fn splice_track_program(&mut self) -> Option<Result<&mut SockOps, EbpfError>> {
+        if self.splice_off.is_some() {
+            return None;
+        }
+        Some(program(&mut self.ebpf, PROG_SPLICE_TRACK))
+    }
+
     pub fn sk_lookup_program(&mut self) -> Result<&mut SkLookup, EbpfError> {
         program(&mut self.ebpf, PROG_SK_LOOKUP)
     }
 }
 
-/// The sk_msg program is attached to the SPLICE sockhash for the agent's lifetime: it runs
-/// only for sockets that sock_ops put there, i.e. only in pods with acceleration on.
-fn attach_splice(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+/// Loads splice_track (attached per accelerated pod) and the sk_msg program, which is
+/// attached to the SPLICE sockhash for the agent's lifetime: it runs only for sockets that
+/// splice_track put there, i.e. only in pods with acceleration on.
+fn load_splice(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let prog: &mut SockOps = program(ebpf, PROG_SPLICE_TRACK)?;
+    prog.load().map_err(|source| EbpfError::Program {
+        name: PROG_SPLICE_TRACK,
+        source,
+    })?;
     let missing = EbpfError::Missing {
         kind: "map",
         name: MAP_SPLICE,

@@ -7,7 +7,9 @@ mod loader;
 mod maps;
 pub mod probe;
 
-pub use links::{attach_sock_ops, pin_dir, pinned_pods, pins_are_stale, uninstall, PodLinks};
+pub use links::{
+    attach_splice_track, pin_dir, pinned_pods, pins_are_stale, uninstall, Attach, PodLinks,
+};
 pub use loader::Kernel;
 pub use maps::{addr16, ip_from16, Counters, OrigDstTable, PodEntry};
 

@@ -4,6 +4,10 @@
 //! one sentence naming it and the first Linux release that has it, instead of a verifier
 //! dump. The probes load tiny programs (aya's, after libbpf's), so they answer for this
 //! kernel's configuration, not for its version number.
+//!
+//! What only the splice needs ([`Need::Splice`]) is optional: without it the splice's
+//! programs are not loaded and pods asking for acceleration are served without it (with a
+//! warning), so the core path runs on kernels older than the splice's 5.15.
 
 use aya::{
     maps::MapType,
@@ -11,6 +15,16 @@ use aya::{
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
 };
 use serde::Serialize;
+
+/// Whether the agent can run without a feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Need {
+    /// The agent stops without it.
+    Required,
+    /// Only the splice (acceleration) uses it: without it the splice is off.
+    Splice,
+}
 
 /// One probed feature.
 #[derive(Debug, Clone, Serialize)]
@@ -20,7 +34,16 @@ pub struct Feature {
     pub used_by: &'static str,
     /// The first Linux release that offers it.
     pub since: &'static str,
+    pub need: Need,
     pub available: bool,
+}
+
+impl Feature {
+    /// Why the splice is unavailable, as a clause: "bpf_get_netns_cookie in sock_ops
+    /// programs needs Linux 5.15".
+    pub fn missing(&self) -> String {
+        format!("{} needs Linux {}", self.name, self.since)
+    }
 }
 
 /// The kernel lacks something the agent cannot do without.
@@ -33,26 +56,37 @@ pub struct Unsupported {
     pub since: &'static str,
 }
 
-const PROGRAMS: &[(ProgramType, &str, &str, &str)] = &[
+use Need::{Required, Splice};
+
+const PROGRAMS: &[(ProgramType, &str, &str, &str, Need)] = &[
     (
         ProgramType::CgroupSockAddr,
         "cgroup_sock_addr programs",
         "outbound redirect (connect4/6) and UDP (sendmsg4/6)",
         "4.18",
+        Required,
     ),
     (
         ProgramType::SockOps,
         "sock_ops programs",
-        "original destinations and the splice",
+        "original destinations (record_orig_dst) and the splice (splice_track)",
         "4.13",
+        Required,
     ),
     (
         ProgramType::SkLookup,
         "sk_lookup programs",
         "inbound interception",
         "5.9",
+        Required,
     ),
-    (ProgramType::SkMsg, "sk_msg programs", "the splice", "4.17"),
+    (
+        ProgramType::SkMsg,
+        "sk_msg programs",
+        "the splice (splice_msg)",
+        "4.17",
+        Splice,
+    ),
 ];
 
 const MAPS: &[(MapType, &str, &str)] = &[
@@ -61,18 +95,21 @@ const MAPS: &[(MapType, &str, &str)] = &[
     (MapType::LpmTrie, "LPM trie maps", "4.11"),
     (MapType::PerCpuArray, "per-CPU array maps", "4.6"),
     (MapType::SockMap, "SOCKMAP maps", "4.14"),
+    // The object creates every map at load, the splice's SPLICE included.
     (MapType::SockHash, "SOCKHASH maps", "4.18"),
     (MapType::RingBuf, "ring buffer maps", "5.8"),
 ];
 
-/// Each helper in the program type that calls it, and what for.
-const HELPERS: &[(ProgramType, BpfHelper, &str, &str, &str)] = &[
+/// Each helper in the program type that calls it, what for, and whether the agent can do
+/// without it.
+const HELPERS: &[(ProgramType, BpfHelper, &str, &str, &str, Need)] = &[
     (
         ProgramType::CgroupSockAddr,
         BpfHelper::BPF_FUNC_get_netns_cookie,
         "bpf_get_netns_cookie",
         "connect4/6 and sendmsg4/6",
         "5.7",
+        Required,
     ),
     (
         ProgramType::CgroupSockAddr,
@@ -80,6 +117,7 @@ const HELPERS: &[(ProgramType, BpfHelper, &str, &str, &str)] = &[
         "bpf_get_current_cgroup_id",
         "connect4/6 (the agent's own sockets)",
         "5.7",
+        Required,
     ),
     (
         ProgramType::CgroupSockAddr,
@@ -87,6 +125,7 @@ const HELPERS: &[(ProgramType, BpfHelper, &str, &str, &str)] = &[
         "bpf_get_socket_cookie",
         "connect4/6",
         "5.7",
+        Required,
     ),
     (
         ProgramType::CgroupSockAddr,
@@ -94,48 +133,55 @@ const HELPERS: &[(ProgramType, BpfHelper, &str, &str, &str)] = &[
         "bpf_ringbuf_output",
         "the programs' logs",
         "5.8",
+        Required,
     ),
     (
         ProgramType::SockOps,
         BpfHelper::BPF_FUNC_get_socket_cookie,
         "bpf_get_socket_cookie",
-        "sock_ops",
+        "record_orig_dst (original destinations)",
         "5.7",
+        Required,
     ),
     (
         ProgramType::SockOps,
         BpfHelper::BPF_FUNC_get_netns_cookie,
         "bpf_get_netns_cookie",
-        "sock_ops (the splice)",
+        "splice_track (the splice)",
         "5.15",
+        Splice,
     ),
     (
         ProgramType::SockOps,
         BpfHelper::BPF_FUNC_sock_hash_update,
         "bpf_sock_hash_update",
-        "sock_ops (the splice)",
+        "splice_track (the splice)",
         "4.18",
+        Splice,
     ),
     (
         ProgramType::SkLookup,
         BpfHelper::BPF_FUNC_sk_assign,
         "bpf_sk_assign",
-        "sk_lookup",
+        "steer_inbound (inbound interception)",
         "5.9",
+        Required,
     ),
     (
         ProgramType::SkMsg,
         BpfHelper::BPF_FUNC_get_netns_cookie,
         "bpf_get_netns_cookie",
-        "sk_msg (the splice)",
+        "splice_msg (the splice)",
         "5.15",
+        Splice,
     ),
     (
         ProgramType::SkMsg,
         BpfHelper::BPF_FUNC_msg_redirect_hash,
         "bpf_msg_redirect_hash",
-        "sk_msg (the splice)",
+        "splice_msg (the splice)",
         "4.18",
+        Splice,
     ),
 ];
 
@@ -156,13 +202,15 @@ pub fn probe() -> Vec<Feature> {
         name: "BTF (/sys/kernel/btf/vmlinux)".into(),
         used_by: "loading the programs",
         since: "5.4",
+        need: Required,
         available: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
     });
-    for (t, name, used_by, since) in PROGRAMS {
+    for (t, name, used_by, since, need) in PROGRAMS {
         out.push(Feature {
             name: (*name).into(),
             used_by,
             since,
+            need: *need,
             available: is_program_supported(*t).unwrap_or(false),
         });
     }
@@ -171,23 +219,30 @@ pub fn probe() -> Vec<Feature> {
             name: (*name).into(),
             used_by: "the programs' state",
             since,
+            need: Required,
             available: is_map_supported(*t).unwrap_or(false),
         });
     }
-    for (t, helper, name, used_by, since) in HELPERS {
+    for (t, helper, name, used_by, since, need) in HELPERS {
         out.push(Feature {
             name: format!("{name} in {} programs", type_name(*t)),
             used_by,
             since,
+            need: *need,
             available: is_helper_supported(*t, *helper).unwrap_or(false),
         });
     }
     out
 }
 
-/// The first missing feature, as the sentence the agent stops with.
+/// The first missing feature the splice needs: `None` when the splice can be loaded.
+pub fn splice_missing(features: &[Feature]) -> Option<&Feature> {
+    features.iter().find(|f| f.need == Splice && !f.available)
+}
+
+/// The first missing required feature, as the sentence the agent stops with.
 pub fn require(features: &[Feature]) -> Result<(), Unsupported> {
-    let Some(missing) = features.iter().find(|f| !f.available) else {
+    let Some(missing) = features.iter().find(|f| f.need == Required && !f.available) else {
         return Ok(());
     };
     let release = nix::sys::utsname::uname()
@@ -212,21 +267,40 @@ mod tests {
                 name: "sk_lookup programs".into(),
                 used_by: "inbound interception",
                 since: "5.9",
+                need: Required,
                 available: true,
             },
             Feature {
-                name: "bpf_get_netns_cookie in sock_ops programs".into(),
-                used_by: "sock_ops (the splice)",
-                since: "5.15",
+                name: "bpf_sk_assign in sk_lookup programs".into(),
+                used_by: "steer_inbound (inbound interception)",
+                since: "5.9",
+                need: Required,
                 available: false,
             },
         ];
         let e = require(&features).unwrap_err().to_string();
         assert!(
-            e.contains("bpf_get_netns_cookie in sock_ops programs (used by sock_ops (the splice)) needs Linux 5.15 or later"),
+            e.contains("bpf_sk_assign in sk_lookup programs (used by steer_inbound (inbound interception)) needs Linux 5.9 or later"),
             "{e}"
         );
         assert_eq!(e.lines().count(), 1, "{e}");
         assert!(require(&features[..1]).is_ok());
+    }
+
+    #[test]
+    fn what_only_the_splice_needs_turns_the_splice_off_instead_of_stopping_the_agent() {
+        let features = vec![Feature {
+            name: "bpf_get_netns_cookie in sock_ops programs".into(),
+            used_by: "splice_track (the splice)",
+            since: "5.15",
+            need: Splice,
+            available: false,
+        }];
+        assert!(require(&features).is_ok());
+        let missing = splice_missing(&features).expect("the splice is off");
+        assert_eq!(
+            missing.missing(),
+            "bpf_get_netns_cookie in sock_ops programs needs Linux 5.15"
+        );
     }
 }

@@ -9,7 +9,7 @@ use agent_common::POD_FLAG_BLOCK;
 use super::{node::kernel_entry, RunError};
 use crate::{
     config::Config,
-    ebpf::{Kernel, PodLinks},
+    ebpf::{Attach, Kernel, PodLinks},
     netns::Netns,
     types::PodId,
 };
@@ -20,7 +20,9 @@ pub fn init(cfg: &Config) -> Result<String, RunError> {
         unreachable!("the configuration was validated for exactly one pod");
     };
     crate::ebpf::probe::require(&crate::ebpf::probe::probe())?;
-    let (mut kernel, _orig_dst) = Kernel::load(0, &cfg.pin_root)?;
+    // Blocking needs no splice: its programs are not even loaded.
+    let (mut kernel, _orig_dst) =
+        Kernel::load(0, &cfg.pin_root, Some("not used by agent init".into()))?;
     let netns = Netns::open(&pod.netns)?;
     let cookie = netns.cookie()?;
     let mut entry = kernel_entry(pod, PodId(1), cookie, cfg.outbound_port);
@@ -33,9 +35,12 @@ pub fn init(cfg: &Config) -> Result<String, RunError> {
         &pod.name,
         &pod.cgroup,
         netns.file(),
-        &cfg.pin_root,
-        true,
-        true,
+        Attach {
+            pin_root: &cfg.pin_root,
+            pin: true,
+            redirect: true,
+            splice: false,
+        },
     )?;
     links.leave_pinned();
     Ok(format!(

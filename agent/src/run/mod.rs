@@ -60,12 +60,23 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     // Before anything is loaded: a missing feature is one sentence, not a verifier dump.
     let features = crate::ebpf::probe::probe();
     crate::ebpf::probe::require(&features)?;
-    info!(
-        features = features.len(),
-        "kernel features probed: every one the agent uses is there"
-    );
-    let (mut kernel, orig_dst) =
-        Kernel::load(telemetry::kernel_log_level(&cfg.log_level), &cfg.pin_root)?;
+    let splice_off = crate::ebpf::probe::splice_missing(&features).map(|f| f.missing());
+    match &splice_off {
+        None => info!(
+            features = features.len(),
+            "kernel features probed: every one the agent uses is there"
+        ),
+        Some(why) => warn!(
+            features = features.len(),
+            missing = %why,
+            "kernel features probed: the splice is unavailable on this kernel, pods asking for acceleration are served without it"
+        ),
+    }
+    let (mut kernel, orig_dst) = Kernel::load(
+        telemetry::kernel_log_level(&cfg.log_level),
+        &cfg.pin_root,
+        splice_off,
+    )?;
     kernel.spawn_log_forwarder()?;
     let (own_dir, own_id) = cgroup::own()?;
     kernel.pods.exempt_agent_cgroup(own_id)?;

@@ -26,7 +26,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{Admin, ControlError, ControlReply, PodView},
     authz::{PolicySource, PolicyStore},
-    ebpf::{Kernel, PodEntry, PodLinks},
+    ebpf::{Attach, Kernel, PodEntry, PodLinks},
     identity::{IdentitySource, IdentityStore},
     netns::{Addresses, Netns},
     proxy::{self, limits::Limits, Lifecycle, Pod, PodTls, Shared},
@@ -163,7 +163,7 @@ pub(super) struct Node {
     /// Which pod each steered address belongs to (a node-wide key in the kernel).
     owners: HashMap<IpAddr, PodName>,
     next_gen: u64,
-    /// sock_ops on the agent's own cgroup, once a pod wants the splice.
+    /// splice_track on the agent's own cgroup, once a pod wants the splice.
     agent_sock_ops: Option<FdLink>,
     /// Listening sockets a previous agent handed over, by (pod, address), until the pod
     /// is enrolled on them.
@@ -410,9 +410,12 @@ impl Node {
             &name,
             &spec.cgroup,
             netns.file(),
-            &self.settings.pin_root,
-            true,
-            true,
+            Attach {
+                pin_root: &self.settings.pin_root,
+                pin: true,
+                redirect: true,
+                splice: false,
+            },
         );
         let links = match attached {
             Ok((links, _)) => links,
@@ -611,14 +614,22 @@ impl Node {
                 claimed.insert(*ip);
             }
         }
+        if let (true, Some(why)) = (spec.accelerate, &self.kernel.splice_off) {
+            warn!(pod = %name, missing = %why,
+                  "acceleration asked for, but the splice is unavailable on this kernel: the pod is served without it");
+        }
+        let splice = spec.accelerate && self.kernel.splice_off.is_none();
         let attached = PodLinks::attach(
             &mut self.kernel,
             &name,
             &spec.cgroup,
             pod.netns.file(),
-            &self.settings.pin_root,
-            spec.fail_mode == FailMode::Closed,
-            spec.redirect == Redirect::Ebpf,
+            Attach {
+                pin_root: &self.settings.pin_root,
+                pin: spec.fail_mode == FailMode::Closed,
+                redirect: spec.redirect == Redirect::Ebpf,
+                splice,
+            },
         );
         let (links, replaced) = match attached {
             Ok(l) => l,
@@ -633,7 +644,7 @@ impl Node {
         if replaced > 0 {
             info!(pod = %name, replaced, "adopted the pod from a previous agent");
         }
-        if spec.accelerate {
+        if splice {
             self.ensure_agent_sock_ops();
         }
         let gen = self.next_gen;
@@ -695,7 +706,9 @@ impl Node {
         let attached = std::fs::File::open(&self.own_cgroup)
             .map_err(|e| e.to_string())
             .and_then(|dir| {
-                crate::ebpf::attach_sock_ops(&mut self.kernel, &dir).map_err(|e| e.to_string())
+                crate::ebpf::attach_splice_track(&mut self.kernel, &dir)
+                    .unwrap_or_else(|| unreachable!("called only with the splice loaded"))
+                    .map_err(|e| e.to_string())
             });
         match attached {
             Ok(link) => {
@@ -1021,9 +1034,14 @@ impl Node {
                     "enrolled"
                 },
                 source: s.source.label(),
-                programs: programs_of(&s.spec),
+                programs: programs_of(&s.spec, self.kernel.splice_off.is_none()),
                 kubernetes: s.spec.kubernetes.clone(),
-                note: None,
+                note: self
+                    .kernel
+                    .splice_off
+                    .as_ref()
+                    .filter(|_| s.spec.accelerate)
+                    .map(|why| format!("served without the splice: {why}")),
                 pod: Some(s.pod.clone()),
             });
         }
@@ -1190,8 +1208,9 @@ pub(super) fn kernel_entry(spec: &PodSpec, id: PodId, cookie: u64, outbound_port
     }
 }
 
-/// What is attached for a pod, as `agent pods` shows it.
-fn programs_of(spec: &PodSpec) -> Vec<&'static str> {
+/// What is attached for a pod, as `agent pods` shows it (`splice`: whether this kernel
+/// runs the splice).
+fn programs_of(spec: &PodSpec, splice: bool) -> Vec<&'static str> {
     let mut p = Vec::new();
     if spec.redirect == Redirect::Ebpf {
         p.extend([
@@ -1203,8 +1222,8 @@ fn programs_of(spec: &PodSpec) -> Vec<&'static str> {
         ]);
     }
     p.push("sk_lookup");
-    if spec.accelerate {
-        p.push("sk_msg (splice)");
+    if spec.accelerate && splice {
+        p.extend(["sock_ops (splice)", "sk_msg (splice)"]);
     }
     p
 }
