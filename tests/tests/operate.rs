@@ -120,6 +120,16 @@ fn every_inspection_command_against_a_running_agent() {
         assert!(splice.starts_with("unavailable: "), "{status}");
         assert!(line.contains("splice unavailable: "), "{line}");
     }
+    // What was loaded follows: the splice's programs only where the kernel runs them.
+    let loaded = status["kernel"]["programs_loaded"]
+        .as_array()
+        .expect("programs loaded");
+    assert!(loaded.iter().any(|p| p == "sk_lookup"), "{loaded:?}");
+    assert_eq!(
+        loaded.iter().any(|p| p == "sk_msg (splice)"),
+        splice == "available",
+        "{status}"
+    );
 
     let pods = json(&node, &["pods"]);
     let pb = pods

@@ -130,6 +130,9 @@ pub struct Admin {
     shared: Arc<Shared>,
     /// What the kernel was found to offer at start.
     features: Vec<crate::ebpf::probe::Feature>,
+    /// What was loaded on it, and why the splice was not (`None`: it was).
+    programs: Vec<&'static str>,
+    splice_off: Option<String>,
     counters: Arc<Counters>,
     pin_root: PathBuf,
     control: mpsc::Sender<Control>,
@@ -139,7 +142,7 @@ impl Admin {
     pub fn new(
         shared: Arc<Shared>,
         features: Vec<crate::ebpf::probe::Feature>,
-        counters: Arc<Counters>,
+        kernel: &crate::ebpf::Kernel,
         pin_root: PathBuf,
         control: mpsc::Sender<Control>,
     ) -> Arc<Self> {
@@ -148,8 +151,10 @@ impl Admin {
             ready: AtomicBool::new(false),
             pods: ArcSwap::from_pointee(Vec::new()),
             features,
+            programs: kernel.programs_loaded(),
+            splice_off: kernel.splice_off.clone(),
             shared,
-            counters,
+            counters: kernel.counters.clone(),
             pin_root,
             control,
         })
@@ -387,18 +392,6 @@ impl Admin {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
         let pods = self.pods.load();
-        let splice_off = crate::ebpf::probe::splice_missing(&self.features).map(|f| f.missing());
-        let mut programs = vec![
-            "cgroup/connect4",
-            "cgroup/connect6",
-            "cgroup/sendmsg4",
-            "cgroup/sendmsg6",
-            "sock_ops",
-            "sk_lookup",
-        ];
-        if splice_off.is_none() {
-            programs.extend(["sock_ops (splice)", "sk_msg (splice)"]);
-        }
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),
@@ -407,8 +400,8 @@ impl Admin {
                 "release": release,
                 // Loaded and verified by this kernel at start, and attached through BPF
                 // links. The splice's two are loaded only where the kernel runs them.
-                "programs_loaded": programs,
-                "splice": match &splice_off {
+                "programs_loaded": self.programs,
+                "splice": match &self.splice_off {
                     None => "available".to_string(),
                     Some(why) => format!("unavailable: {why}"),
                 },

@@ -23,6 +23,19 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ag
 
 /// The loaded object: programs ready to attach, and typed handles to its maps. The
 /// original-destination table is handed out separately: the proxy owns it.
+/// The outbound redirect's programs on a pod's cgroup, as status and `agent pods` name them.
+pub const REDIRECT_PROGRAMS: [&str; 5] = [
+    "cgroup/connect4",
+    "cgroup/connect6",
+    "cgroup/sendmsg4",
+    "cgroup/sendmsg6",
+    "sock_ops",
+];
+/// Inbound interception, on a pod's netns.
+pub const INBOUND_PROGRAM: &str = "sk_lookup";
+/// The splice of an accelerated pod.
+pub const SPLICE_PROGRAMS: [&str; 2] = ["sock_ops (splice)", "sk_msg (splice)"];
+
 pub struct Kernel {
     ebpf: Ebpf,
     pub pods: PodTable,
@@ -135,6 +148,16 @@ impl Kernel {
 
     pub fn sock_ops_program(&mut self) -> Result<&mut SockOps, EbpfError> {
         program(&mut self.ebpf, PROG_SOCK_OPS)
+    }
+
+    /// The programs loaded and verified at start, as `agent status` names them.
+    pub fn programs_loaded(&self) -> Vec<&'static str> {
+        let mut p = REDIRECT_PROGRAMS.to_vec();
+        p.push(INBOUND_PROGRAM);
+        if self.splice_off.is_none() {
+            p.extend(SPLICE_PROGRAMS);
+        }
+        p
     }
 
     /// The splice's sock_ops program, if it was loaded.

@@ -10,7 +10,7 @@ pub mod probe;
 pub use links::{
     attach_splice_track, pin_dir, pinned_pods, pins_are_stale, uninstall, Attach, PodLinks,
 };
-pub use loader::Kernel;
+pub use loader::{Kernel, INBOUND_PROGRAM, REDIRECT_PROGRAMS, SPLICE_PROGRAMS};
 pub use maps::{addr16, ip_from16, Counters, OrigDstTable, PodEntry};
 
 use std::path::PathBuf;

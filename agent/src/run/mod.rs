@@ -107,7 +107,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let admin = Admin::new(
         shared.clone(),
         features,
-        kernel.counters.clone(),
+        &kernel,
         cfg.pin_root.clone(),
         control_tx,
     );

@@ -618,7 +618,7 @@ impl Node {
             warn!(pod = %name, missing = %why,
                   "acceleration asked for, but the splice is unavailable on this kernel: the pod is served without it");
         }
-        let splice = spec.accelerate && self.kernel.splice_off.is_none();
+        let splice = self.spliced(spec);
         let attached = PodLinks::attach(
             &mut self.kernel,
             &name,
@@ -695,6 +695,12 @@ impl Node {
             adopted: replaced > 0,
             remove_after_drain: false,
         })
+    }
+
+    /// Whether the pod's loopback hops are spliced: it asked for acceleration and this
+    /// kernel runs the splice.
+    fn spliced(&self, spec: &PodSpec) -> bool {
+        spec.accelerate && self.kernel.splice_off.is_none()
     }
 
     fn ensure_agent_sock_ops(&mut self) {
@@ -1034,7 +1040,7 @@ impl Node {
                     "enrolled"
                 },
                 source: s.source.label(),
-                programs: programs_of(&s.spec, self.kernel.splice_off.is_none()),
+                programs: programs_of(&s.spec, self.spliced(&s.spec)),
                 kubernetes: s.spec.kubernetes.clone(),
                 note: self
                     .kernel
@@ -1208,22 +1214,17 @@ pub(super) fn kernel_entry(spec: &PodSpec, id: PodId, cookie: u64, outbound_port
     }
 }
 
-/// What is attached for a pod, as `agent pods` shows it (`splice`: whether this kernel
-/// runs the splice).
-fn programs_of(spec: &PodSpec, splice: bool) -> Vec<&'static str> {
+/// What is attached for a pod, as `agent pods` shows it (`spliced`: the pod asked for
+/// acceleration and this kernel runs the splice).
+fn programs_of(spec: &PodSpec, spliced: bool) -> Vec<&'static str> {
+    use crate::ebpf::{INBOUND_PROGRAM, REDIRECT_PROGRAMS, SPLICE_PROGRAMS};
     let mut p = Vec::new();
     if spec.redirect == Redirect::Ebpf {
-        p.extend([
-            "cgroup/connect4",
-            "cgroup/connect6",
-            "cgroup/sendmsg4",
-            "cgroup/sendmsg6",
-            "sock_ops",
-        ]);
+        p.extend(REDIRECT_PROGRAMS);
     }
-    p.push("sk_lookup");
-    if spec.accelerate && splice {
-        p.extend(["sock_ops (splice)", "sk_msg (splice)"]);
+    p.push(INBOUND_PROGRAM);
+    if spliced {
+        p.extend(SPLICE_PROGRAMS);
     }
     p
 }
