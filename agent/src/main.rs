@@ -255,6 +255,9 @@ fn main() -> ExitCode {
             telemetry::init(cfg.log_format, &cfg.log_level);
             tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(),
                            version = env!("CARGO_PKG_VERSION"), "starting");
+            // While CAP_SYS_RESOURCE is still held (kernels before 5.11 charge BPF maps to
+            // the memlock limit).
+            agent::ebpf::probe::lift_memlock_limit();
             // Before the runtime exists: capabilities are per thread, and every thread
             // made later inherits this one's.
             match agent::privilege::drop_to_kept() {

@@ -4,12 +4,12 @@
 //! with the same small set. What is kept is needed after start, not only to load: pods are
 //! enrolled at runtime (the CNI plugin, `agent enroll`), and each one is attached, pinned
 //! and served from inside its network namespace. Loading the programs needs nothing more
-//! (an init container loads them with CAP_BPF and CAP_NET_ADMIN alone).
+//! (an init container loads them with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN alone).
 
 use caps::{CapSet, Capability, CapsHashSet};
 
 /// Each capability the agent keeps, and why.
-pub const KEPT: [(Capability, &str); 4] = [
+pub const KEPT: [(Capability, &str); 5] = [
     (
         Capability::CAP_BPF,
         "load the programs, update their maps, create and pin links for every pod enrolled",
@@ -17,6 +17,10 @@ pub const KEPT: [(Capability, &str); 4] = [
     (
         Capability::CAP_NET_ADMIN,
         "attach cgroup/connect, sendmsg, sock_ops and sk_lookup programs; SO_MARK on upstream sockets of iptables pods",
+    ),
+    (
+        Capability::CAP_PERFMON,
+        "be verified as a trusted loader: without it (or CAP_SYS_ADMIN) the verifier also checks speculative paths, where 6.1 and 6.12 reject connect4 (6.18 does not)",
     ),
     (
         Capability::CAP_SYS_ADMIN,
@@ -30,7 +34,7 @@ pub const KEPT: [(Capability, &str); 4] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
-    #[error("cannot drop capabilities ({0}); run the agent as root, or with at least CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SETPCAP")]
+    #[error("cannot drop capabilities ({0}); run the agent as root, or with at least CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SETPCAP")]
     Caps(#[from] caps::errors::CapsError),
 }
 

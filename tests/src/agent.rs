@@ -173,11 +173,35 @@ impl AgentConfig {
 
     pub fn text(&self) -> String {
         let mut doc = self.top.clone();
+        scale_timeouts(&mut doc);
         if !self.pods.is_empty() {
             let pods = self.pods.iter().cloned().map(toml::Value::Table).collect();
             doc.insert("pod".into(), toml::Value::Array(pods));
         }
         toml::to_string(&doc).expect("a TOML table serializes")
+    }
+}
+
+/// The agent's own deadlines for a peer's progress, with the agent's defaults, stretched by
+/// the run's time scale: under emulation a TLS handshake takes 20 times longer, and the
+/// agent would give up on peers that are only slow.
+const SCALED_TIMEOUTS: &[(&str, i64)] = &[
+    ("connect_timeout_ms", 10_000),
+    ("handshake_timeout_ms", 10_000),
+    ("protocol_detect_timeout_ms", 1_000),
+];
+
+fn scale_timeouts(doc: &mut toml::Table) {
+    let scale = i64::from(crate::time::scale());
+    if scale == 1 {
+        return;
+    }
+    for (key, default) in SCALED_TIMEOUTS {
+        let ms = doc
+            .get(*key)
+            .and_then(toml::Value::as_integer)
+            .unwrap_or(*default);
+        doc.insert((*key).into(), (ms * scale).into());
     }
 }
 
@@ -411,6 +435,7 @@ impl Agent {
 
     /// Waits for an event matching `pred`; panics with the log if it never comes.
     pub fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+        let timeout = crate::time::scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
@@ -451,6 +476,7 @@ impl Agent {
     }
 
     fn exit_within(&mut self, timeout: Duration, of: &str) -> ExitStatus {
+        let timeout = crate::time::scaled(timeout);
         let mut child = self.child.take().expect("agent already stopped");
         let deadline = Instant::now() + timeout;
         loop {

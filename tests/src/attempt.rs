@@ -142,11 +142,11 @@ fn tcp(kind: Kind, to: SocketAddr, tricks: &Tricks, out: &mut Outcome) -> std::i
         Kind::IoUring => {
             uring_connect(&s, &dst)?;
         }
-        _ => s.connect_timeout(&dst, PATIENCE)?,
+        _ => s.connect_timeout(&dst, crate::time::scaled(PATIENCE))?,
     }
     let mut stream: TcpStream = s.into();
-    stream.set_read_timeout(Some(PATIENCE))?;
-    stream.set_write_timeout(Some(PATIENCE))?;
+    stream.set_read_timeout(Some(crate::time::scaled(PATIENCE)))?;
+    stream.set_write_timeout(Some(crate::time::scaled(PATIENCE)))?;
     if !out.sent {
         stream.write_all(&req)?;
         out.sent = true;

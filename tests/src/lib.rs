@@ -23,6 +23,7 @@ mod node;
 pub mod pki;
 pub mod proto;
 mod sys;
+pub mod time;
 
 pub use agent::{workspace_bin, Agent, AgentConfig, CliOutput, Enrol};
 pub use app::{client_result, Server};

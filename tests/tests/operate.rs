@@ -68,8 +68,13 @@ fn every_inspection_command_against_a_running_agent() {
     let mut agent = Agent::start(&setup(&node));
     // One connection held open while we look, one finished before.
     assert!(only(&a.client(at(b, false, 8080), &[]).results).ok());
-    let held = a.client_spawn(at(b, false, 8080), &["--hold-ms", "2500"]);
-    std::thread::sleep(Duration::from_millis(500));
+    // Long enough for seven CLI calls, which take 0.2-0.5 s each under emulation.
+    let hold = simnode::time::scaled(Duration::from_millis(2500));
+    let held = a.client_spawn(
+        at(b, false, 8080),
+        &["--hold-ms", &hold.as_millis().to_string()],
+    );
+    std::thread::sleep(simnode::time::scaled(Duration::from_millis(500)));
 
     let status = json(&node, &["status"]);
     assert_eq!(status["ready"], true);

@@ -90,14 +90,14 @@ fn a_restarted_agent_readopts_runtime_pods_and_the_fail_closed_one_never_leaks()
     let killed = Instant::now();
     first.kill();
     never_plaintext(&node, to, "agent down");
-    // Down for a second while pod a's loop keeps trying.
-    std::thread::sleep(Duration::from_secs(1));
+    // Down for a second (natively) while pod a's loop keeps trying.
+    std::thread::sleep(simnode::time::scaled(Duration::from_secs(1)));
     let restarted = Instant::now();
     // The same node config: no pods in it at all. Everything comes from the state dir.
     let second = Agent::start(&config(&node));
     let ready = Instant::now();
     never_plaintext(&node, to, "agent restarted");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + simnode::time::scaled(Duration::from_secs(20));
     while Instant::now() < deadline
         && !seen
             .lock()
@@ -125,7 +125,7 @@ fn a_restarted_agent_readopts_runtime_pods_and_the_fail_closed_one_never_leaks()
     );
     let gap = flowing.saturating_duration_since(restarted);
     assert!(
-        gap < Duration::from_secs(1),
+        gap < simnode::time::scaled(Duration::from_secs(1)),
         "traffic took {gap:?} to flow again after the restart"
     );
     assert!(
@@ -136,7 +136,9 @@ fn a_restarted_agent_readopts_runtime_pods_and_the_fail_closed_one_never_leaks()
     // No connection that started while no agent served the pods got through.
     let down: Vec<bool> = seen
         .iter()
-        .filter(|(t, _)| *t > killed + Duration::from_millis(100) && *t < restarted)
+        .filter(|(t, _)| {
+            *t > killed + simnode::time::scaled(Duration::from_millis(100)) && *t < restarted
+        })
         .map(|(_, ok)| *ok)
         .collect();
     assert!(

@@ -1,5 +1,5 @@
-//! Sidecar mode on a simulated node: `agent init` (an init container with only CAP_BPF and
-//! CAP_NET_ADMIN) leaves its pod fail-closed and exits; `agent run --sidecar` (the native
+//! Sidecar mode on a simulated node: `agent init` (an init container with only CAP_BPF,
+//! CAP_PERFMON and CAP_NET_ADMIN) leaves its pod fail-closed and exits; `agent run --sidecar` (the native
 //! sidecar, same capabilities) adopts the pins and serves the pod, so the application's
 //! first connection is already intercepted; killing the sidecar leaves the pod closed.
 
@@ -14,14 +14,15 @@ use simnode::{command_in, workspace_bin, Agent, AgentConfig, Node, Pod};
 const OWN_POD: &str = "name=app,netns=/proc/self/ns/net,cgroup=auto";
 
 /// A container of `pod` (a sub-cgroup `container`, the pod's netns) running `agent ARGS`
-/// with no capability beyond CAP_BPF and CAP_NET_ADMIN.
+/// with no capability beyond CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (without CAP_PERFMON,
+/// 6.1 and 6.12 reject connect4: found in `cargo xtask vm`).
 fn container(pod: &Pod, container: &str) -> Command {
     let mut cmd = command_in(
         Some(&pod.sub_cgroup(container)),
         Some(&pod.netns_path),
         "setpriv",
     );
-    cmd.arg("--bounding-set=-all,+bpf,+net_admin")
+    cmd.arg("--bounding-set=-all,+bpf,+perfmon,+net_admin")
         .arg("--")
         .arg(workspace_bin("agent"));
     cmd

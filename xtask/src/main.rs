@@ -5,6 +5,7 @@ mod demo;
 mod fuzz;
 mod setup;
 mod sh;
+mod vm;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -21,9 +22,23 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need (Debian/Ubuntu, as root). Idempotent.
     Setup,
-    /// Everything CI checks: fmt, clippy, unit tests and the privileged tests on a
-    /// simulated node.
+    /// Everything CI checks: fmt, clippy, unit tests, the privileged tests on a simulated
+    /// node, and on other kernels under qemu (`vm`).
     Test,
+    /// The privileged suite on other kernels (Debian's 6.1, 6.12 and 5.10 by default), each
+    /// booted under qemu; per kernel `N passed, M failed` from the guest's own test output.
+    Vm {
+        /// A known kernel (6.1, 6.12, 5.10), a linux-image .deb or an unpacked kernel
+        /// directory; repeatable. Default: every known kernel.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// With the splice on in every pod that does not choose.
+        #[arg(long)]
+        accelerate: bool,
+        /// Passed to every test binary, e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Run the agent on a simulated two-pod node and show what it intercepted.
     Demo,
     /// The cargo-fuzz targets (policy, config, detect, http, admin), each for a bounded
@@ -87,6 +102,30 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
         Cmd::Test => test(),
+        Cmd::Vm {
+            kernels,
+            accelerate,
+            args,
+        } => {
+            setup::run()?;
+            build_bins()?;
+            let outcomes = vm::run(&vm::Opts {
+                kernels,
+                accelerate,
+                args,
+            })?;
+            let bad: Vec<_> = outcomes
+                .iter()
+                .filter(|o| !o.ok())
+                .map(|o| o.kernel.as_str())
+                .collect();
+            anyhow::ensure!(
+                bad.is_empty(),
+                "the suite failed on kernel(s) {}",
+                bad.join(", ")
+            );
+            Ok(())
+        }
         Cmd::Fuzz { seconds, targets } => {
             setup::run()?;
             fuzz::run(seconds, &targets).map(|_| ())
@@ -234,6 +273,27 @@ fn test() -> Result<()> {
     let (passed, failed) = (passed + passed_accel, failed + failed_accel);
     // One closing line for the whole suite (cargo prints one per test binary).
     anyhow::ensure!(passed > 0, "no test ran");
+    // The privileged suite on Debian's 6.1 and 6.12 under qemu, and 5.10's refusal.
+    let outcomes = vm::run(&vm::Opts {
+        kernels: Vec::new(),
+        accelerate: false,
+        args: Vec::new(),
+    })
+    .context("the VM runner failed")?;
+    let bad: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !o.ok())
+        .map(|o| o.kernel.as_str())
+        .collect();
+    anyhow::ensure!(
+        bad.is_empty(),
+        "the suite failed in the VM(s) for kernel(s) {} (results and console paths above)",
+        bad.join(", ")
+    );
+    let kernels: Vec<String> = outcomes
+        .iter()
+        .map(|o| format!("{} {} passed", o.kernel, o.passed))
+        .collect();
     // Keep the benchmark harness from rotting: every arm must run and move bytes.
     let quick = bench::Opts {
         quick: true,
@@ -251,7 +311,8 @@ fn test() -> Result<()> {
     let fuzzed = fuzz::run(FUZZ_SECONDS, &[]).context("fuzzing failed")?;
     let inputs: u64 = fuzzed.iter().map(|o| o.runs).sum();
     println!(
-        "xtask test: {passed} passed, {failed} failed; fuzzed {} targets ({inputs} inputs), no crash",
+        "xtask test: {passed} passed, {failed} failed; in VMs: {}; fuzzed {} targets ({inputs} inputs), no crash",
+        kernels.join(", "),
         fuzzed.len()
     );
     Ok(())

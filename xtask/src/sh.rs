@@ -53,8 +53,9 @@ pub fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> Result<(u64, u64)> {
         let line = line.context("reading cargo test output")?;
         println!("{line}");
         if let Some(rest) = line.strip_prefix("test result: ") {
-            passed += count(rest, " passed");
-            failed += count(rest, " failed");
+            let (p, f) = result_counts(rest);
+            passed += p;
+            failed += f;
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
@@ -65,6 +66,11 @@ pub fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> Result<(u64, u64)> {
         );
     }
     Ok((passed, failed))
+}
+
+/// Passed and failed in what follows `test result: `.
+pub fn result_counts(line: &str) -> (u64, u64) {
+    (count(line, " passed"), count(line, " failed"))
 }
 
 /// The number before `label` in a `test result:` line.

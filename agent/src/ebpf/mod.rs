@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("loading the eBPF object failed: {0} (is this kernel >= 5.15 with BTF, and is the agent root?)")]
+    #[error("loading the eBPF object failed: {0} (is the agent root, with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN?)")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {kind} `{name}`: the agent binary is broken, rebuild it")]
     Missing {

@@ -195,6 +195,17 @@ fn type_name(t: ProgramType) -> &'static str {
     }
 }
 
+/// Lets BPF maps be created on kernels before 5.11, which charge them to RLIMIT_MEMLOCK
+/// (the agent's maps would fail with EPERM). Later kernels charge the memory cgroup and
+/// ignore the limit, so a refusal to raise it (no CAP_SYS_RESOURCE) is only logged. Call it
+/// before capabilities are dropped and before [`probe`].
+pub fn lift_memlock_limit() {
+    use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
+    if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        tracing::debug!(error = %e, "RLIMIT_MEMLOCK kept (kernels from 5.11 on do not apply it to BPF)");
+    }
+}
+
 /// Probes every feature. A probe that cannot decide counts as missing.
 pub fn probe() -> Vec<Feature> {
     let mut out = Vec::new();
@@ -204,6 +215,15 @@ pub fn probe() -> Vec<Feature> {
         since: "5.4",
         need: Required,
         available: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+    });
+    out.push(Feature {
+        name: "SO_NETNS_COOKIE socket option".into(),
+        used_by: "keying pods by network namespace (their cookies)",
+        since: "5.14",
+        need: Required,
+        available: socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .and_then(|s| crate::netns::socket_netns_cookie(&s))
+            .is_ok(),
     });
     for (t, name, used_by, since, need) in PROGRAMS {
         out.push(Feature {

@@ -129,10 +129,6 @@ impl Netns {
 
     /// The kernel's cookie for this namespace: what `bpf_get_netns_cookie` returns for
     /// sockets in it, and so the key of the pod in the kernel maps.
-    #[allow(
-        unsafe_code,
-        reason = "SO_NETNS_COOKIE has no safe wrapper in nix or socket2: one getsockopt on a u64"
-    )]
     pub fn cookie(&self) -> Result<u64, NetnsError> {
         let err = |source| NetnsError::Cookie {
             path: self.path.clone(),
@@ -141,21 +137,30 @@ impl Netns {
         let sock = self
             .run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))?
             .map_err(err)?;
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: valid socket fd, and cookie/len describe a u64 buffer.
-        let rc = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        Ok(cookie)
+        socket_netns_cookie(&sock).map_err(err)
     }
+}
+
+/// The cookie of the network namespace a socket lives in (SO_NETNS_COOKIE, Linux 5.14).
+#[allow(
+    unsafe_code,
+    reason = "SO_NETNS_COOKIE has no safe wrapper in nix or socket2: one getsockopt on a u64"
+)]
+pub fn socket_netns_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket fd, and cookie/len describe a u64 buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }

@@ -1,7 +1,7 @@
 //! `agent init`: the init container of sidecar mode. It attaches the pod's blocking
 //! programs (connect4/6 on the pod's cgroup, sk_lookup on its network namespace), pins
 //! them, leaves the pod refusing every connection, and exits; the native sidecar (`agent
-//! run --sidecar`) then adopts the pins without a gap. Needs CAP_BPF and CAP_NET_ADMIN,
+//! run --sidecar`) then adopts the pins without a gap. Needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN,
 //! nothing more: the pod's namespace is the process's own, so no setns.
 
 use agent_common::POD_FLAG_BLOCK;
@@ -19,6 +19,7 @@ pub fn init(cfg: &Config) -> Result<String, RunError> {
     let [pod] = cfg.pods.as_slice() else {
         unreachable!("the configuration was validated for exactly one pod");
     };
+    crate::ebpf::probe::lift_memlock_limit();
     crate::ebpf::probe::require(&crate::ebpf::probe::probe())?;
     // Blocking needs no splice: its programs are not even loaded.
     let (mut kernel, _orig_dst) =

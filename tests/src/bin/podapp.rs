@@ -142,7 +142,11 @@ async fn serve(args: &[String], announce: bool) {
                     println!("{}", serde_json::json!({ "accepted": peer.to_string() }));
                 }
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(CONN_DEADLINE, serve_one(s, peer)).await;
+                    let _ = tokio::time::timeout(
+                        simnode::time::scaled(CONN_DEADLINE),
+                        serve_one(s, peer),
+                    )
+                    .await;
                 });
             }
         }));
@@ -241,7 +245,9 @@ async fn client(args: &[String]) {
                 seed += 1;
                 let (o, b, s) = (opts.clone(), barrier.clone(), seed);
                 tokio::spawn(async move {
-                    match tokio::time::timeout(CONN_DEADLINE, one(&o, &b, s)).await {
+                    match tokio::time::timeout(simnode::time::scaled(CONN_DEADLINE), one(&o, &b, s))
+                        .await
+                    {
                         Ok(r) => r,
                         Err(_) => ConnResult {
                             to: o.to.to_string(),
