@@ -114,17 +114,7 @@ fn main() -> Result<()> {
                 accelerate,
                 args,
             })?;
-            let bad: Vec<_> = outcomes
-                .iter()
-                .filter(|o| !o.ok())
-                .map(|o| o.kernel.as_str())
-                .collect();
-            anyhow::ensure!(
-                bad.is_empty(),
-                "the suite failed on kernel(s) {}",
-                bad.join(", ")
-            );
-            Ok(())
+            vm::require_ok(&outcomes)
         }
         Cmd::Fuzz { seconds, targets } => {
             setup::run()?;
@@ -280,16 +270,7 @@ fn test() -> Result<()> {
         args: Vec::new(),
     })
     .context("the VM runner failed")?;
-    let bad: Vec<_> = outcomes
-        .iter()
-        .filter(|o| !o.ok())
-        .map(|o| o.kernel.as_str())
-        .collect();
-    anyhow::ensure!(
-        bad.is_empty(),
-        "the suite failed in the VM(s) for kernel(s) {} (results and console paths above)",
-        bad.join(", ")
-    );
+    vm::require_ok(&outcomes)?;
     let kernels: Vec<String> = outcomes
         .iter()
         .map(|o| format!("{} {} passed", o.kernel, o.passed))

@@ -154,6 +154,21 @@ pub fn run(opts: &Opts) -> Result<Vec<Outcome>> {
     Ok(outcomes)
 }
 
+/// Fails naming every kernel whose run did not pass.
+pub fn require_ok(outcomes: &[Outcome]) -> Result<()> {
+    let bad: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !o.ok())
+        .map(|o| o.kernel.as_str())
+        .collect();
+    anyhow::ensure!(
+        bad.is_empty(),
+        "the suite failed in the VM(s) for kernel(s) {} (results and console paths above)",
+        bad.join(", ")
+    );
+    Ok(())
+}
+
 /// One kernel: boot (once more if the job never started) and count.
 fn one(
     kernel: &kernel::Kernel,
