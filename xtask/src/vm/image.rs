@@ -218,7 +218,8 @@ mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail "cgroup2"
 mount -t bpf bpf /sys/fs/bpf || fail "bpffs"
 mount -t debugfs debugfs /sys/kernel/debug
-mount -t tmpfs tmpfs /tmp
+# /tmp stays the overlay's (writes land in its tmpfs): a checkout or target directory under
+# the host's /tmp must stay visible.
 mount -t tmpfs tmpfs /run
 ip link set lo up
 ulimit -n 65536
