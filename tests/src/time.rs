@@ -6,12 +6,16 @@ use std::time::Duration;
 /// How many times slower than the host this machine is taken to be (default 1).
 pub const SCALE_VAR: &str = "SIMNODE_TIME_SCALE";
 
+/// Read once: podapp asks for every connection it serves.
 pub fn scale() -> u32 {
-    std::env::var(SCALE_VAR)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|s| *s >= 1)
-        .unwrap_or(1)
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var(SCALE_VAR)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| *s >= 1)
+            .unwrap_or(1)
+    })
 }
 
 /// `d` stretched by [`scale`].

@@ -6,14 +6,14 @@
 mod common;
 
 use std::{
-    io::Read,
-    process::{Command, Stdio},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use common::*;
 use serde_json::Value;
-use simnode::{attached_programs, workspace_bin, Agent, AgentConfig};
+use simnode::{attached_programs, workspace_bin, Agent, AgentConfig, Node};
 
 /// The first release with every feature the agent requires (SO_NETNS_COOKIE).
 const REQUIRED: (u32, u32) = (5, 14);
@@ -48,17 +48,7 @@ fn the_agent_starts_or_names_what_this_kernel_lacks() {
         return;
     }
     eprintln!("kernel {release} lacks SO_NETNS_COOKIE: the agent must refuse to start");
-    let path = std::env::temp_dir().join(format!("simnode-kernel-{}.toml", std::process::id()));
-    std::fs::write(&path, config.text()).expect("write the agent config");
-    let mut child = Command::new(workspace_bin("agent"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .args(["--log-format", "json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn agent");
+    let (mut child, log) = agent_run(&node, &config, &[]);
     let deadline = Instant::now() + simnode::time::scaled(Duration::from_secs(10));
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait agent") {
@@ -71,14 +61,7 @@ fn the_agent_starts_or_names_what_this_kernel_lacks() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let _ = std::fs::remove_file(&path);
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("agent stderr")
-        .read_to_string(&mut stderr)
-        .expect("read agent stderr");
+    let stderr = std::fs::read_to_string(&log).expect("read the agent log");
     assert!(
         !status.success(),
         "the agent exited 0 on {release}:\n{stderr}"
@@ -116,22 +99,9 @@ fn the_programs_load_at_every_kernel_log_level() {
         return; // the agent refuses this kernel (the test above)
     }
     let config = AgentConfig::new(&node);
-    let path = std::env::temp_dir().join(format!("simnode-levels-{}.toml", std::process::id()));
-    std::fs::write(&path, config.text()).expect("write the agent config");
     // The kernel level is the most verbose level the filter names: off 0 .. trace 5.
-    let log = node.tmp().join("levels.log");
     for level in ["off", "error", "warn", "info", "debug", "trace"] {
-        // A file, not a pipe: nothing reads it while the agent starts.
-        let sink = std::fs::File::create(&log).expect("create the agent log");
-        let mut child = Command::new(workspace_bin("agent"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .args(["--log-format", "json", "--log-level", level])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(sink)
-            .spawn()
-            .expect("spawn agent");
+        let (mut child, log) = agent_run(&node, &config, &["--log-level", level]);
         let deadline = Instant::now() + simnode::time::scaled(Duration::from_secs(20));
         let ready = loop {
             let status = Command::new(workspace_bin("agent"))
@@ -154,8 +124,8 @@ fn the_programs_load_at_every_kernel_log_level() {
             nix::sys::signal::Signal::SIGTERM,
         );
         let exit = child.wait().expect("wait agent");
-        let stderr = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = stderr.lines().collect();
+        let all = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = all.lines().collect();
         let stderr = lines[lines.len().saturating_sub(30)..].join("\n");
         assert!(
             ready,
@@ -163,7 +133,26 @@ fn the_programs_load_at_every_kernel_log_level() {
         );
         assert!(exit.success(), "--log-level {level}: {exit}\n{stderr}");
     }
-    let _ = std::fs::remove_file(&path);
+}
+
+/// `agent run` with `config` and JSON logs into a file of the node's (a file, not a pipe:
+/// nothing reads it while the agent runs), which is returned with the process.
+fn agent_run(node: &Node, config: &AgentConfig, extra: &[&str]) -> (Child, PathBuf) {
+    let path = node.tmp().join("agent.toml");
+    std::fs::write(&path, config.text()).expect("write the agent config");
+    let log = node.tmp().join("agent.log");
+    let sink = std::fs::File::create(&log).expect("create the agent log");
+    let child = Command::new(workspace_bin("agent"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .args(["--log-format", "json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(sink)
+        .spawn()
+        .expect("spawn agent");
+    (child, log)
 }
 
 #[test]

@@ -4,10 +4,9 @@
 
 use std::{
     fs,
-    io::Write,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{bail, Context, Result};
@@ -37,12 +36,10 @@ pub const BIN: &str = "VMTEST-BIN ";
 pub const BIN_EXIT: &str = "VMTEST-BIN-EXIT ";
 pub const EXIT: &str = "VMTEST-EXIT=";
 
-/// Builds `dir/initramfs.cpio` for `kernel` unless it is there.
+/// Builds `dir/initramfs.cpio` for `kernel`, every run (a second or so): a cached one would
+/// outlive a change to the first stage.
 pub fn initramfs(kernel: &Kernel, dir: &Path) -> Result<PathBuf> {
     let out = dir.join("initramfs.cpio");
-    if out.exists() {
-        return Ok(out);
-    }
     let stage = dir.join("initramfs");
     if stage.exists() {
         fs::remove_dir_all(&stage)?;
@@ -99,12 +96,6 @@ fail "switch_root"
 /// The modules in load order (dependencies first), decompressed into `into` as plain `.ko`
 /// (busybox's insmod reads no `.ko.xz`); built-ins are skipped.
 fn modules(kernel: &Kernel, into: &Path) -> Result<Vec<String>> {
-    let base = kernel
-        .modules
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .context("modules directory")?;
     let mut order: Vec<String> = Vec::new();
     for m in MODULES {
         let out = crate::sh::output(
@@ -114,7 +105,7 @@ fn modules(kernel: &Kernel, into: &Path) -> Result<Vec<String>> {
                 "-S",
                 &kernel.release,
                 "-d",
-                &base.to_string_lossy(),
+                &kernel.root.to_string_lossy(),
                 m,
             ],
         )
@@ -186,7 +177,7 @@ pub fn with_job(base: &Path, job: &Job<'_>, dir: &Path, out: &Path) -> Result<()
 
 /// The second stage, run as PID 1 in the overlay by the host's busybox.
 fn job_script(job: &Job<'_>) -> String {
-    let mut s = String::from(JOB_HEAD);
+    let mut s = JOB_HEAD.replace("@EXIT@", EXIT);
     for (k, v) in job.env {
         s.push_str(&format!("export {k}={}\n", quote(v)));
     }
@@ -211,7 +202,7 @@ fn job_script(job: &Job<'_>) -> String {
 
 const JOB_HEAD: &str = r#"
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
-fail() { echo "VMTEST-BOOT-FAILED: $*"; echo "VMTEST-EXIT=99"; /bin/busybox poweroff -f; }
+fail() { echo "VMTEST-BOOT-FAILED: $*"; echo "@EXIT@99"; /bin/busybox poweroff -f; }
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
@@ -237,42 +228,14 @@ fn write_executable(path: &Path, text: &str) -> Result<()> {
 
 /// `find . | cpio -o -H newc` in `stage`.
 fn cpio(stage: &Path, out: &Path) -> Result<()> {
-    let mut names = Vec::new();
-    for entry in walk(stage)? {
-        let rel = entry.strip_prefix(stage)?.to_string_lossy().into_owned();
-        names.push(if rel.is_empty() { ".".into() } else { rel });
-    }
-    let file = fs::File::create(out)?;
-    let mut child = Command::new("cpio")
-        .args(["-o", "-H", "newc", "--quiet"])
+    let status = Command::new("sh")
+        .args(["-c", "find . | cpio -o -H newc --quiet"])
         .current_dir(stage)
-        .stdin(Stdio::piped())
-        .stdout(file)
-        .spawn()
+        .stdout(fs::File::create(out)?)
+        .status()
         .context("cpio (which `cargo xtask setup` installs)")?;
-    child
-        .stdin
-        .take()
-        .context("cpio stdin")?
-        .write_all((names.join("\n") + "\n").as_bytes())?;
-    if !child.wait()?.success() {
+    if !status.success() {
         bail!("cpio failed for {}", stage.display());
     }
     Ok(())
-}
-
-fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = vec![dir.to_path_buf()];
-    let mut i = 0;
-    while i < out.len() {
-        if out[i].is_dir() && !out[i].is_symlink() {
-            let mut children: Vec<_> = fs::read_dir(&out[i])?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
-            children.sort();
-            out.extend(children);
-        }
-        i += 1;
-    }
-    Ok(out)
 }

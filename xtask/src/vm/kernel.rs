@@ -58,6 +58,8 @@ pub struct Kernel {
     pub name: String,
     /// `uname -r` inside the guest.
     pub release: String,
+    /// The unpacked package: `boot/`, `lib/modules/`.
+    pub root: PathBuf,
     pub vmlinuz: PathBuf,
     /// `lib/modules/RELEASE`, indexed.
     pub modules: PathBuf,
@@ -159,6 +161,7 @@ fn from_tree(name: &str, root: &Path) -> Result<Kernel> {
     Ok(Kernel {
         name: name.to_string(),
         release,
+        root: root.to_path_buf(),
         vmlinuz,
         modules,
         only: None,
@@ -173,7 +176,7 @@ struct PrivateApt {
 
 impl PrivateApt {
     fn new(dir: &Path, suites: &[(&str, &str)]) -> Result<Self> {
-        let (mirror, security) = mirrors()?;
+        let (mirror, security) = mirrors();
         let mut list = String::new();
         for (archive, suite) in suites {
             let uri = if *archive == "debian-security" {
@@ -251,7 +254,7 @@ impl PrivateApt {
 
 /// The Debian mirror and security mirror the machine's own sources name (deb822 or
 /// one-line), falling back to deb.debian.org.
-fn mirrors() -> Result<(String, String)> {
+fn mirrors() -> (String, String) {
     let mut uris = Vec::new();
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
@@ -281,8 +284,8 @@ fn mirrors() -> Result<(String, String)> {
             .cloned()
             .unwrap_or_else(|| default.to_string())
     };
-    Ok((
+    (
         pick(false, "http://deb.debian.org/debian"),
         pick(true, "http://deb.debian.org/debian-security"),
-    ))
+    )
 }

@@ -29,8 +29,6 @@ pub const NOT_IN_VMS: &[(&str, &str)] = &[(
 /// (`SIMNODE_TIME_SCALE`): emulated CPUs measured 10-14x slower, shared between guests.
 const TCG_TIME_SCALE: u32 = 20;
 const KVM_TIME_SCALE: u32 = 2;
-/// The environment variable the test harness scales its deadlines by.
-pub const TIME_SCALE_VAR: &str = "SIMNODE_TIME_SCALE";
 
 pub struct Opts {
     /// Kernel names (see [`KNOWN`]) or paths; empty: every known kernel.
@@ -112,7 +110,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Outcome>> {
             "CARGO_TARGET_DIR".to_string(),
             snapshot.display().to_string(),
         ),
-        (TIME_SCALE_VAR.to_string(), scale.to_string()),
+        (simnode::time::SCALE_VAR.to_string(), scale.to_string()),
     ];
     if opts.accelerate {
         env.push((simnode::agent::ACCELERATE_ALL.to_string(), "1".to_string()));
@@ -270,7 +268,7 @@ impl Counts {
                 .map(|(b, _)| b.as_str())
                 .unwrap_or("?");
             self.failures.push(format!("{bin}::{test}"));
-        } else if l.starts_with("VMTEST-BOOT") || l.starts_with(image::STARTED) {
+        } else if l.starts_with(image::BOOTED) || l.starts_with(image::STARTED) {
             println!("{tag} {l}");
         }
     }
