@@ -41,6 +41,7 @@ fn bench(c: &mut Criterion) {
                     identity: Some(id),
                     src,
                     port: 8004,
+                    client_cert: None,
                 }),
                 "td",
             )
@@ -59,6 +60,7 @@ fn bench(c: &mut Criterion) {
                     identity: Some(id),
                     src,
                     port: 8004,
+                    client_cert: None,
                 }),
                 black_box(&req),
                 "td",

@@ -64,6 +64,7 @@ fn exercise(policy: &Policy) {
             let caller = Caller {
                 peer,
                 client: ClientAddr::new(addr(client)),
+                client_cert: None,
             };
             let dst = OrigDstAddr::new(addr(dst));
             let _ = policy.authorize(caller, dst, "td.test");
@@ -152,6 +153,7 @@ pub fn http(data: &[u8]) {
             let caller = Caller {
                 peer: None,
                 client: ClientAddr::new(addr("10.0.0.1:40000")),
+                client_cert: None,
             };
             let dst = OrigDstAddr::new(addr("10.0.0.2:8080"));
             let status = match crate::proxy::http::decide(http_policy(), caller, dst, &req, "td") {

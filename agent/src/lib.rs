@@ -23,6 +23,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod k8s;
 pub mod netns;
+pub mod pem;
 pub mod privilege;
 pub mod proxy;
 pub mod pump;

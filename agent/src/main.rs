@@ -217,6 +217,7 @@ impl EnrollArgs {
             policy: opt(&self.policy),
             redirect: self.redirect,
             accelerate: self.accelerate,
+            edge: Vec::new(),
             kubernetes: None,
         }
     }

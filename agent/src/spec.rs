@@ -74,9 +74,80 @@ pub struct PodRequest {
     /// (docs/performance.md).
     #[serde(default)]
     pub accelerate: bool,
+    /// Ports on which clients outside the mesh get TLS from the agent (edge TLS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edge: Vec<EdgeRequest>,
     /// The Kubernetes pod behind it, when a container runtime's CNI plugin asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<K8sPod>,
+}
+
+/// An `[[pod.edge]]` table: on `ports`, a client that is not a mesh agent is served TLS
+/// with this certificate, and its HTTP requests are decided by the pod's policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeRequest {
+    pub ports: Vec<u16>,
+    /// The server certificate chain and its key (PEM)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// ...or a directory in cert-manager's Secret layout (`tls.crt`, `tls.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Require a client certificate that chains to these CAs (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// Answer plaintext HTTP with a 308 to https instead of refusing the connection.
+    #[serde(default)]
+    pub redirect_http: bool,
+}
+
+/// A validated edge listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EdgeSpec {
+    pub ports: Vec<u16>,
+    pub files: crate::tls::edge::EdgeFiles,
+    pub redirect_http: bool,
+}
+
+impl EdgeRequest {
+    fn validate(&self, invalid: &dyn Fn(&str, String) -> SpecError) -> Result<EdgeSpec, SpecError> {
+        if self.ports.is_empty() {
+            return Err(invalid("ports", "name at least one port".into()));
+        }
+        if let Some(j) = self.ports.iter().position(|p| *p == 0) {
+            return Err(invalid(
+                &format!("ports[{j}]"),
+                "port 0 is not a port".into(),
+            ));
+        }
+        let (cert, key) = match (&self.dir, &self.cert, &self.key) {
+            (Some(dir), None, None) => (dir.join("tls.crt"), dir.join("tls.key")),
+            (None, Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            (Some(_), ..) => {
+                return Err(invalid("dir", "give dir or cert and key, not both".into()))
+            }
+            _ => return Err(invalid(
+                "cert",
+                "an edge listener needs its certificate: cert and key, or dir (tls.crt, tls.key)"
+                    .into(),
+            )),
+        };
+        let mut ports = self.ports.clone();
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(EdgeSpec {
+            ports,
+            files: crate::tls::edge::EdgeFiles {
+                cert,
+                key,
+                client_ca: self.client_ca.clone(),
+            },
+            redirect_http: self.redirect_http,
+        })
+    }
 }
 
 /// What the node's configuration gives every pod that does not choose for itself.
@@ -107,6 +178,7 @@ pub struct PodSpec {
     pub policy: Option<PathBuf>,
     pub redirect: Redirect,
     pub accelerate: bool,
+    pub edge: Vec<EdgeSpec>,
     /// The SO_MARK of upstream sockets (only for `redirect = "iptables"`).
     pub upstream_mark: Option<u32>,
     pub kubernetes: Option<K8sPod>,
@@ -243,6 +315,26 @@ impl PodRequest {
             exclude_cidrs
                 .push(parse_cidr(text).map_err(|r| invalid(&format!("exclude_cidrs[{j}]"), r))?);
         }
+        let mut edge: Vec<EdgeSpec> = Vec::new();
+        for (i, e) in self.edge.iter().enumerate() {
+            let at = format!("edge[{i}]");
+            let spec = e.validate(&|f, reason| invalid(&format!("{at}.{f}"), reason))?;
+            for port in &spec.ports {
+                if edge.iter().any(|other| other.ports.contains(port)) {
+                    return Err(invalid(
+                        &format!("{at}.ports"),
+                        format!("port {port} is already an edge port of this pod"),
+                    ));
+                }
+                if self.exclude_inbound_ports.contains(port) {
+                    return Err(invalid(
+                        &format!("{at}.ports"),
+                        format!("port {port} is in exclude_inbound_ports, which bypass the agent: it cannot terminate TLS there"),
+                    ));
+                }
+            }
+            edge.push(spec);
+        }
         let sorted = |v: &[u16]| {
             let mut v = v.to_vec();
             v.sort_unstable();
@@ -265,6 +357,7 @@ impl PodRequest {
             policy: self.policy.clone().or_else(|| defaults.policy.clone()),
             redirect: self.redirect,
             accelerate: self.accelerate,
+            edge,
             upstream_mark: (self.redirect == Redirect::Iptables)
                 .then_some(defaults.upstream_mark)
                 .flatten(),
@@ -332,6 +425,23 @@ impl PodSpec {
             self.accelerate.to_string(),
             other.accelerate.to_string(),
         );
+        let edge = |e: &[EdgeSpec]| {
+            let v: Vec<String> = e
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{:?} {}, {}, client_ca {}, redirect_http {}",
+                        e.ports,
+                        path(&e.files.cert),
+                        path(&e.files.key),
+                        opt(&e.files.client_ca),
+                        e.redirect_http
+                    )
+                })
+                .collect();
+            format!("[{}]", v.join("; "))
+        };
+        cmp("edge", edge(&self.edge), edge(&other.edge));
         let k8s = |k: &Option<K8sPod>| {
             k.as_ref().map_or("(none)".into(), |k| {
                 format!("{k}, sandbox {}", k.container_id)
@@ -535,6 +645,40 @@ pub(crate) mod tests {
             r.validate("", &defaults, &Fake).unwrap_err().field,
             "redirect"
         );
+    }
+
+    #[test]
+    fn edge_listeners_name_their_field() {
+        let edge = |ports: Vec<u16>| EdgeRequest {
+            ports,
+            dir: Some("/etc/web-tls".into()),
+            ..Default::default()
+        };
+        let mut r = request("a");
+        r.edge = vec![edge(vec![8443, 8443])];
+        let spec = check(&r).unwrap();
+        assert_eq!(spec.edge[0].ports, [8443]);
+        assert_eq!(
+            spec.edge[0].files.key,
+            PathBuf::from("/etc/web-tls/tls.key")
+        );
+        r.edge = vec![edge(vec![8443]), edge(vec![9443, 8443])];
+        assert_eq!(check(&r).unwrap_err().field, "edge[1].ports");
+        r.edge = vec![edge(vec![])];
+        assert_eq!(check(&r).unwrap_err().field, "edge[0].ports");
+        r.edge = vec![EdgeRequest {
+            ports: vec![443],
+            cert: Some("/c".into()),
+            ..Default::default()
+        }];
+        let e = check(&r).unwrap_err();
+        assert_eq!(e.field, "edge[0].cert", "{e}");
+        r.edge = vec![edge(vec![443])];
+        r.exclude_inbound_ports = vec![443];
+        assert!(check(&r)
+            .unwrap_err()
+            .reason
+            .contains("exclude_inbound_ports"));
     }
 
     #[test]

@@ -31,6 +31,19 @@ impl Server {
         self.parsed()
     }
 
+    /// The HTTP requests seen, once there are at least `n` (the application's report of
+    /// a request can trail the response the client already has).
+    pub fn wait_http(&self, n: usize) -> Vec<crate::http_app::SeenRequest> {
+        let deadline = std::time::Instant::now() + crate::time::scaled(Duration::from_secs(10));
+        loop {
+            let seen = self.seen_http();
+            if seen.len() >= n || std::time::Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Connections and datagrams (`record` servers) that reached the application from
     /// anyone but its own agent: each one is a way around the agent.
     pub fn direct(&self) -> Vec<String> {
@@ -150,11 +163,25 @@ impl Pod {
         requests: &str,
         h2: bool,
     ) -> crate::http_app::HttpSummary {
+        self.http_client_with(to, requests, h2, &[])
+    }
+
+    /// [`Pod::http_client`], every request carrying `headers` ("name: value").
+    pub fn http_client_with(
+        &self,
+        to: SocketAddr,
+        requests: &str,
+        h2: bool,
+        headers: &[&str],
+    ) -> crate::http_app::HttpSummary {
         let mut cmd = self.command(workspace_bin("podapp"));
         cmd.arg("http-client")
             .arg("--to")
             .arg(to.to_string())
             .args(["--requests", requests]);
+        for h in headers {
+            cmd.args(["--header", h]);
+        }
         if h2 {
             cmd.arg("--h2");
         }

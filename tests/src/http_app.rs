@@ -17,6 +17,9 @@ pub struct SeenRequest {
     pub path: String,
     pub version: String,
     pub peer: String,
+    /// Every header, by lower-case name (repeated ones joined by `, `).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// The client's report.
@@ -41,11 +44,20 @@ pub async fn serve(addrs: Vec<SocketAddr>) {
                 tokio::spawn(async move {
                     let svc =
                         hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                            let mut headers = std::collections::BTreeMap::<String, String>::new();
+                            for (name, value) in req.headers() {
+                                let value = String::from_utf8_lossy(value.as_bytes());
+                                headers
+                                    .entry(name.to_string())
+                                    .and_modify(|v| *v = format!("{v}, {value}"))
+                                    .or_insert_with(|| value.into_owned());
+                            }
                             let seen = SeenRequest {
                                 method: req.method().to_string(),
                                 path: req.uri().path().to_string(),
                                 version: format!("{:?}", req.version()),
                                 peer: peer.to_string(),
+                                headers,
                             };
                             println!("{}", serde_json::to_string(&seen).unwrap_or_default());
                             let body = format!("hello {} {}\n", seen.method, seen.path);
@@ -64,10 +76,15 @@ pub async fn serve(addrs: Vec<SocketAddr>) {
     }
 }
 
-/// Sends `requests` ("METHOD /path") in order over one connection.
-pub async fn client(to: SocketAddr, requests: &[(String, String)], h2: bool) -> HttpSummary {
+/// Sends `requests` ("METHOD /path") in order over one connection, each with `headers`.
+pub async fn client(
+    to: SocketAddr,
+    requests: &[(String, String)],
+    h2: bool,
+    headers: &[(String, String)],
+) -> HttpSummary {
     let mut out = HttpSummary::default();
-    if let Err(e) = run(to, requests, h2, &mut out).await {
+    if let Err(e) = run(to, requests, h2, headers, &mut out).await {
         out.error = Some(e.to_string());
     }
     out
@@ -77,6 +94,7 @@ async fn run(
     to: SocketAddr,
     requests: &[(String, String)],
     h2: bool,
+    headers: &[(String, String)],
     out: &mut HttpSummary,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let tcp = tokio::net::TcpStream::connect(to).await?;
@@ -100,11 +118,14 @@ async fn run(
         } else {
             path.clone()
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method.as_str())
             .uri(uri)
-            .header("host", to.to_string())
-            .body(Full::new(Bytes::from_static(b"request body")))?;
+            .header("host", to.to_string());
+        for (k, v) in headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let req = req.body(Full::new(Bytes::from_static(b"request body")))?;
         let resp = match &mut sender {
             Sender::H1(s) => {
                 s.ready().await?;

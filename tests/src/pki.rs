@@ -127,6 +127,11 @@ pub struct OpensslCa {
 
 impl OpensslCa {
     pub fn new(dir: &Path) -> OpensslCa {
+        Self::named(dir, "openssl test CA")
+    }
+
+    /// A CA with its own name (CAs sharing one would chain to each other by name).
+    pub fn named(dir: &Path, name: &str) -> OpensslCa {
         std::fs::create_dir_all(dir).unwrap();
         let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
         run(
@@ -153,7 +158,7 @@ impl OpensslCa {
                 "-days",
                 "2",
                 "-subj",
-                "/O=openssl-test/CN=openssl test CA",
+                &format!("/O=openssl-test/CN={name}"),
                 "-addext",
                 "basicConstraints=critical,CA:TRUE",
                 "-addext",
@@ -168,6 +173,31 @@ impl OpensslCa {
     }
 
     pub fn issue(&self, spiffe_id: &str, name: &str) -> Svid {
+        let out = self.sign(
+            name,
+            "/O=openssl-test",
+            "serverAuth,clientAuth",
+            &format!("critical,URI:{spiffe_id}"),
+        );
+        std::fs::copy(self.dir.join("ca.pem"), out.join("bundle.pem")).unwrap();
+        Svid { dir: out }
+    }
+
+    /// A web certificate (an edge listener's, or a client's): `subject` as openssl's
+    /// `-subj` takes it, `san` as `subjectAltName` does (`DNS:a.example,IP:10.0.0.1`).
+    pub fn issue_web(&self, name: &str, subject: &str, san: &str, client: bool) -> WebCert {
+        let eku = if client { "clientAuth" } else { "serverAuth" };
+        let dir = self.sign(name, subject, eku, san);
+        WebCert { dir }
+    }
+
+    /// The CA certificate, as clients trust it.
+    pub fn pem(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A key and a certificate signed by this CA in `dir/name` (`key.pem`, `cert.pem`).
+    fn sign(&self, name: &str, subject: &str, eku: &str, san: &str) -> PathBuf {
         let out = self.dir.join(name);
         std::fs::create_dir_all(&out).unwrap();
         let o = |f: &str| out.join(f).to_string_lossy().into_owned();
@@ -177,7 +207,7 @@ impl OpensslCa {
             &ext,
             format!(
                 "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-                 extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=critical,URI:{spiffe_id}\n"
+                 extendedKeyUsage={eku}\nsubjectAltName={san}\n"
             ),
         )
         .unwrap();
@@ -214,7 +244,7 @@ impl OpensslCa {
                 "-key",
                 &o("key.pem"),
                 "-subj",
-                "/O=openssl-test",
+                subject,
                 "-out",
                 &o("req.csr"),
             ],
@@ -240,7 +270,31 @@ impl OpensslCa {
                 &o("cert.pem"),
             ],
         );
-        std::fs::copy(d("ca.pem"), o("bundle.pem")).unwrap();
-        Svid { dir: out }
+        out
+    }
+}
+
+/// A certificate and key made by [`OpensslCa::issue_web`].
+#[derive(Debug, Clone)]
+pub struct WebCert {
+    pub dir: PathBuf,
+}
+
+impl WebCert {
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join("cert.pem")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("key.pem")
+    }
+
+    /// The certificate's serial number, as openssl prints it.
+    pub fn serial(&self) -> String {
+        let cert = self.cert();
+        let out = run(
+            "openssl",
+            &["x509", "-noout", "-serial", "-in", &cert.to_string_lossy()],
+        );
+        out.trim().trim_start_matches("serial=").to_string()
     }
 }

@@ -102,3 +102,38 @@ fn eval_prints_the_decision_and_the_rule() {
     ]);
     assert_eq!(c, 2, "HTTP rules need --method/--path: {out}");
 }
+
+#[test]
+fn eval_decides_an_edge_client_by_its_certificate() {
+    let p = file(
+        "edge.yaml",
+        "rules:\n  - name: partners\n    action: allow\n    from: { client_cert: { sans: [\"*.partner.example\"] } }\n    http: { paths: [\"/orders/*\"] }\n",
+    );
+    let eval = |san: &str, path: &str| {
+        agent(&[
+            "policy",
+            "eval",
+            "--policy",
+            &p,
+            "--from",
+            "unauthenticated",
+            "--port",
+            "8443",
+            "--client-san",
+            san,
+            "--client-subject",
+            "O=Partner, CN=shop",
+            "--method",
+            "GET",
+            "--path",
+            path,
+        ])
+    };
+    let (c, out) = eval("shop.partner.example", "/orders/7");
+    assert_eq!(c, 0, "{out}");
+    assert!(out.contains("ALLOW request by `partners`"), "{out}");
+    let (c, out) = eval("shop.other.example", "/orders/7");
+    assert_eq!(c, 1, "{out}");
+    let (c, out) = eval("shop.partner.example", "/admin");
+    assert!(c == 1 && out.contains("default deny"), "{out}");
+}

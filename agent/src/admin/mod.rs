@@ -427,6 +427,22 @@ impl Admin {
                         .spiffe_id
                         .to_string()));
                     v["policy"] = json!(pod.policy.current().source);
+                    v["edge"] = pod
+                        .edge
+                        .iter()
+                        .map(|e| {
+                            let cert = e.store.current();
+                            json!({
+                                "ports": e.ports,
+                                "cert": e.store.source().0.cert,
+                                "serial": cert.serial,
+                                "subject": cert.subject,
+                                "not_after": cert.not_after,
+                                "client_auth": cert.client_auth,
+                                "redirect_http": e.redirect_http,
+                            })
+                        })
+                        .collect();
                 }
                 v
             })
@@ -506,6 +522,25 @@ impl Admin {
                 ],
                 get(&pol.reloads_failed),
             ));
+            if !pod.edge.is_empty() {
+                // One series per pod: its edge listeners summed.
+                let sum = |f: fn(&crate::tls::edge::EdgeStore) -> &std::sync::atomic::AtomicU64| {
+                    pod.edge.iter().map(|e| get(f(&e.store))).sum::<u64>()
+                };
+                for (result, count) in [
+                    ("ok", sum(|s| &s.reloads_ok)),
+                    ("rejected", sum(|s| &s.reloads_failed)),
+                ] {
+                    reloads.push((
+                        vec![
+                            ("pod", name.clone()),
+                            ("kind", "edge".into()),
+                            ("result", result.into()),
+                        ],
+                        count,
+                    ));
+                }
+            }
             if let Some(t) = &pod.tls {
                 reloads.push((
                     vec![
@@ -536,7 +571,7 @@ impl Admin {
         write_counter(
             &mut extra,
             "reloads",
-            "Policy and identity reloads, by result",
+            "Policy, identity and edge certificate reloads, by result",
             &reloads,
         );
         write_gauge(

@@ -24,6 +24,13 @@ pub enum PolicyCmd {
         /// The pod's trust domain (for `default: authenticated`); by default the caller's.
         #[arg(long)]
         trust_domain: Option<String>,
+        /// An edge TLS client presenting a certificate with this SAN (repeat for several);
+        /// its requests are decided one by one, as the agent serves edge clients.
+        #[arg(long = "client-san")]
+        client_sans: Vec<String>,
+        /// ...and this subject (as the access log's `client_cert` prints it).
+        #[arg(long)]
+        client_subject: Option<String>,
     },
 }
 
@@ -53,6 +60,8 @@ pub fn run(cmd: PolicyCmd) -> (String, u8) {
             method,
             path,
             trust_domain,
+            client_sans,
+            client_subject,
         } => {
             let file = match PolicyFile::load(&policy) {
                 Ok(f) => f,
@@ -78,17 +87,35 @@ pub fn run(cmd: PolicyCmd) -> (String, u8) {
                     .unwrap_or("")
                     .to_string()
             });
+            let edge = (!client_sans.is_empty() || client_subject.is_some()).then(|| {
+                crate::identity::CertFacts {
+                    // Every SAN kind is matched alike; DNS is where they are kept here.
+                    dns: client_sans,
+                    subject: client_subject.unwrap_or_default(),
+                    ..Default::default()
+                }
+            });
+            if edge.is_some() && identity.is_some() {
+                return (
+                    "--client-san/--client-subject describe an edge client, which has no SPIFFE ID: give --from unauthenticated or an address".into(),
+                    2,
+                );
+            }
             let conn = Conn {
                 identity,
                 src,
                 port,
+                client_cert: edge.as_ref(),
             };
             let mut d = p.decide_l4(&conn, &td);
             let mut level = "connection";
-            if d.verdict == Verdict::InspectHttp {
+            let per_request =
+                d.verdict == Verdict::InspectHttp || (edge.is_some() && d.verdict != Verdict::Deny);
+            if per_request {
                 let (Some(m), Some(path)) = (method.as_deref(), path.as_deref()) else {
                     return (
-                        "HTTP rules apply to this connection: give --method and --path".into(),
+                        "this connection is decided per HTTP request: give --method and --path"
+                            .into(),
                         2,
                     );
                 };

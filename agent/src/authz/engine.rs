@@ -10,8 +10,10 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use super::policy::{
-    Action, Cidr, DefaultAction, HttpFile, IdPattern, PathPattern, PolicyFile, PortRange,
+    Action, Cidr, ClientCertFile, DefaultAction, HttpFile, IdPattern, PathPattern, PolicyFile,
+    PortRange,
 };
+use crate::identity::CertFacts;
 
 /// The connection being decided.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +22,9 @@ pub struct Conn<'a> {
     pub identity: Option<&'a str>,
     pub src: IpAddr,
     pub port: u16,
+    /// The certificate an edge TLS client presented (verified against the listener's
+    /// `client_ca`).
+    pub client_cert: Option<&'a CertFacts>,
 }
 
 /// One HTTP request on a connection.
@@ -71,6 +76,7 @@ struct Rule {
     action: Action,
     cidrs: Vec<Cidr>,
     ports: Vec<PortRange>,
+    client_cert: Option<ClientCertFile>,
     http: Option<Http>,
 }
 
@@ -78,6 +84,16 @@ impl Rule {
     fn matches_l4(&self, c: &Conn<'_>) -> bool {
         (self.cidrs.is_empty() || self.cidrs.iter().any(|n| n.contains(c.src)))
             && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(c.port)))
+            && self.client_cert.as_ref().is_none_or(|want| {
+                c.client_cert.is_some_and(|cert| {
+                    (want.sans.is_empty()
+                        || cert
+                            .sans()
+                            .any(|san| want.sans.iter().any(|p| p.matches(san))))
+                        && (want.subjects.is_empty()
+                            || want.subjects.iter().any(|p| p.matches(&cert.subject)))
+                })
+            })
     }
 }
 
@@ -168,6 +184,7 @@ impl Policy {
                 action: r.action,
                 cidrs: r.from.cidrs,
                 ports: r.to.ports,
+                client_cert: r.from.client_cert,
                 http: r.http.map(|h: HttpFile| Http {
                     methods: h.methods,
                     paths: h.paths,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 use crate::{
-    identity::SpiffeId,
+    identity::{CertFacts, SpiffeId},
     store::{Source, Store},
     types::{ClientAddr, OrigDstAddr, PodName},
 };
@@ -96,6 +96,8 @@ pub enum Inbound {
 pub struct Caller<'a> {
     pub peer: Option<&'a SpiffeId>,
     pub client: ClientAddr,
+    /// The certificate an edge TLS client presented, verified against its listener's CA.
+    pub client_cert: Option<&'a CertFacts>,
 }
 
 impl Caller<'_> {
@@ -104,6 +106,7 @@ impl Caller<'_> {
             identity: self.peer.map(SpiffeId::as_str),
             src: self.client.ip(),
             port: dst.port(),
+            client_cert: self.client_cert,
         }
     }
 }
@@ -179,6 +182,7 @@ mod tests {
                 identity: id,
                 src,
                 port,
+                client_cert: None,
             },
             TD,
         );
@@ -318,6 +322,7 @@ rules:
                 identity: None,
                 src: "10.0.0.1".parse().unwrap(),
                 port: 80,
+                client_cert: None,
             },
             TD,
         );
@@ -348,6 +353,7 @@ rules:
             identity: Some("spiffe://td/a"),
             src: "10.0.0.1".parse().unwrap(),
             port: 8080,
+            client_cert: None,
         };
         assert_eq!(p.decide_l4(&c, TD).verdict, Verdict::InspectHttp);
         let none = |_: &str, _: &str| false;
@@ -376,6 +382,54 @@ rules:
                 "{method} {path}"
             );
         }
+    }
+
+    #[test]
+    fn client_certificate_rules_match_edge_clients_by_san_and_subject() {
+        let p = policy(
+            r#"
+rules:
+  - name: partners
+    action: allow
+    from: { client_cert: { sans: ["*.partner.example"], subjects: ["O=Partner, CN=*"] } }
+  - name: alice
+    action: allow
+    from: { client_cert: { sans: ["spiffe://partner/alice"] } }
+"#,
+        );
+        let cert = |subject: &str, dns: &[&str], uris: &[&str]| CertFacts {
+            subject: subject.into(),
+            dns: dns.iter().map(|d| d.to_string()).collect(),
+            uris: uris.iter().map(|u| u.to_string()).collect(),
+            ..Default::default()
+        };
+        let decide = |c: Option<&CertFacts>| {
+            let conn = Conn {
+                identity: None,
+                src: "10.0.0.1".parse().unwrap(),
+                port: 443,
+                client_cert: c,
+            };
+            let d = p.decide_l4(&conn, TD);
+            (d.verdict, d.rule)
+        };
+        let partner = cert("O=Partner, CN=api", &["api.partner.example"], &[]);
+        assert_eq!(decide(Some(&partner)), (Verdict::Allow, "partners".into()));
+        // Both lists must match: the right SAN under another subject is not a partner.
+        let other = cert("O=Other, CN=api", &["api.partner.example"], &[]);
+        assert_eq!(decide(Some(&other)), (Verdict::Deny, "default deny".into()));
+        let alice = cert("CN=alice", &[], &["spiffe://partner/alice"]);
+        assert_eq!(decide(Some(&alice)), (Verdict::Allow, "alice".into()));
+        // No certificate: no client_cert rule applies.
+        assert_eq!(decide(None), (Verdict::Deny, "default deny".into()));
+        let bad = PolicyFile::parse(
+            "p.yaml",
+            "rules:\n  - name: a\n    action: allow\n    from: { client_cert: { sans: [\"a*b*\"] } }\n",
+        );
+        assert!(bad.unwrap_err().to_string().contains("may only end a name"));
+        // `*.` covers names below the domain, not the domain itself.
+        let apex = cert("O=Partner, CN=x", &["partner.example"], &[]);
+        assert_eq!(decide(Some(&apex)), (Verdict::Deny, "default deny".into()));
     }
 
     #[test]

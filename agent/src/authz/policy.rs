@@ -97,6 +97,63 @@ pub struct FromFile {
     pub unauthenticated: bool,
     #[serde(default)]
     pub cidrs: Vec<Cidr>,
+    /// Edge TLS clients whose verified certificate matches (the listener's `client_ca`).
+    pub client_cert: Option<ClientCertFile>,
+}
+
+/// A client certificate condition: any listed SAN (DNS name, URI or email), and any
+/// listed subject (as the access log's `client_cert` prints it); an empty list is no
+/// condition.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertFile {
+    #[serde(default)]
+    pub sans: Vec<NamePattern>,
+    #[serde(default)]
+    pub subjects: Vec<NamePattern>,
+}
+
+/// A name: exact, a prefix ending in `*` (`spiffe://partner/*`, `O=Partner, CN=*`), or a
+/// DNS suffix starting with `*.` (`*.partner.example`: any name below it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamePattern {
+    Exact(String),
+    Prefix(String),
+    /// The suffix including its leading `.`.
+    Suffix(String),
+}
+
+impl FromStr for NamePattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}`: `*` may only end a name, or start one as `*.`");
+        if s.is_empty() {
+            return Err("an empty name matches nothing".into());
+        }
+        if let Some(rest) = s.strip_prefix('*') {
+            return match rest {
+                r if r.starts_with('.') && r.len() > 1 && !r.contains('*') => {
+                    Ok(Self::Suffix(r.to_string()))
+                }
+                _ => Err(bad()),
+            };
+        }
+        match s.strip_suffix('*') {
+            Some(p) if !p.contains('*') => Ok(Self::Prefix(p.to_string())),
+            None if !s.contains('*') => Ok(Self::Exact(s.to_string())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl NamePattern {
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Exact(e) => e == name,
+            Self::Prefix(p) => name.starts_with(p.as_str()),
+            Self::Suffix(sfx) => name.len() > sfx.len() && name.ends_with(sfx.as_str()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -268,6 +325,7 @@ deserialize_via_from_str!(IdPattern);
 deserialize_via_from_str!(Cidr);
 deserialize_via_from_str!(PortRange);
 deserialize_via_from_str!(PathPattern);
+deserialize_via_from_str!(NamePattern);
 
 /// A rejected policy file: where and why.
 #[derive(Debug, thiserror::Error)]

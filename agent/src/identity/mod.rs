@@ -16,8 +16,8 @@ use rustls::{
     sign::CertifiedKey,
     SignatureScheme,
 };
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::TrustAnchor;
-use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tracing::{info, warn};
 
 use crate::{
@@ -25,7 +25,9 @@ use crate::{
     types::PodName,
 };
 
+mod cert_facts;
 mod chain_cache;
+pub use cert_facts::CertFacts;
 pub use chain_cache::{key as chain_key, ChainCache};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,17 @@ fn invalid(path: &Path, reason: impl Into<String>) -> IdentityError {
     IdentityError::Invalid {
         path: path.to_path_buf(),
         reason: reason.into(),
+    }
+}
+
+impl From<crate::pem::PemError> for IdentityError {
+    fn from(e: crate::pem::PemError) -> Self {
+        use crate::pem::PemError;
+        match e {
+            PemError::Read { path, source } => IdentityError::Read { path, source },
+            PemError::Invalid { path, reason } => IdentityError::Invalid { path, reason },
+            PemError::KeyMismatch { cert, key } => IdentityError::KeyMismatch { cert, key },
+        }
     }
 }
 
@@ -192,59 +205,18 @@ pub struct Identity {
 
 impl Identity {
     pub fn load(files: &IdentityFiles) -> Result<Self, IdentityError> {
-        let read = |p: &Path| {
-            std::fs::read(p).map_err(|source| IdentityError::Read {
-                path: p.to_path_buf(),
-                source,
-            })
-        };
-        let chain_pem = read(&files.cert)?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| invalid(&files.cert, format!("not PEM certificates: {e}")))?;
-        if chain.is_empty() {
-            return Err(invalid(
-                &files.cert,
-                "no CERTIFICATE block: is this a PEM certificate file?",
-            ));
-        }
-        let key_pem = read(&files.key)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| invalid(&files.key, format!("no PEM private key: {e}")))?;
-        let bundle_pem = read(&files.bundle)?;
-        let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bundle_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| invalid(&files.bundle, format!("not PEM certificates: {e}")))?;
-        if bundle.is_empty() {
-            return Err(invalid(
-                &files.bundle,
-                "no CERTIFICATE block: the trust bundle is empty",
-            ));
-        }
-        let anchors = bundle
-            .iter()
-            .map(|c| {
-                webpki::anchor_from_trusted_cert(c)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| invalid(&files.bundle, format!("unusable CA certificate: {e:?}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        use crate::pem;
+        let chain = pem::certs(&files.cert, "is this a PEM certificate file?")?;
+        let key = pem::key(&files.key)?;
+        let anchors = pem::anchors(&files.bundle)?;
         let spiffe_id = spiffe_id_of(&chain[0]).map_err(|r| invalid(&files.cert, r))?;
         let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0])
             .map_err(|e| invalid(&files.cert, format!("not a certificate: {e}")))?;
         let not_after = leaf.validity().not_after.timestamp();
         let serial = serial_of(&chain[0]);
         let issuer = leaf.issuer().to_string();
-        let certified = CertifiedKey::from_der(chain, key, &crate::crypto::provider()).map_err(
-            |e| match e {
-                rustls::Error::InconsistentKeys(_) => IdentityError::KeyMismatch {
-                    cert: files.cert.clone(),
-                    key: files.key.clone(),
-                },
-                other => invalid(&files.key, format!("unusable private key: {other}")),
-            },
-        )?;
-        warn_if_key_readable(&files.key);
+        let certified = pem::certified(chain, key, &files.cert, &files.key)?;
+        pem::warn_if_key_readable(&files.key);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -255,23 +227,13 @@ impl Identity {
         }
         Ok(Self {
             spiffe_id,
-            certified: Arc::new(certified),
+            certified,
             anchors,
             not_after,
             serial,
             issuer,
             chain_cache: Default::default(),
         })
-    }
-}
-
-fn warn_if_key_readable(key: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(key) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            warn!(key = %key.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
-                  "private key file is readable by group or others; it should be 0600");
-        }
     }
 }
 

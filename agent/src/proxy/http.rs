@@ -26,7 +26,7 @@ use tracing::warn;
 use super::{Pod, Shared};
 use crate::{
     authz::{Caller, Request as AuthzRequest},
-    identity::SpiffeId,
+    identity::{CertFacts, SpiffeId},
     telemetry::access::HttpOutcome,
     types::{ClientAddr, OrigDstAddr},
 };
@@ -42,6 +42,9 @@ enum Upstream {
 struct Ctx {
     facts: Facts,
     trust_domain: String,
+    /// The `x-forwarded-client-cert` every forwarded request carries, if a certificate
+    /// was presented.
+    xfcc: Option<http::HeaderValue>,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
     requests: AtomicU64,
     denied: AtomicU64,
@@ -52,8 +55,14 @@ pub struct Facts {
     pub id: u64,
     pub pod: Arc<Pod>,
     pub shared: Arc<Shared>,
-    /// The peer's verified SPIFFE ID (None: plaintext, unauthenticated).
+    /// The peer's verified SPIFFE ID (None: plaintext, unauthenticated, or edge TLS).
     pub peer: Option<SpiffeId>,
+    /// The certificate the caller presented and the handshake verified: a mesh peer's
+    /// SVID, or an edge client's certificate.
+    pub presented: Option<CertFacts>,
+    /// The caller came through an edge listener: its certificate is what `client_cert`
+    /// rules match.
+    pub edge: bool,
     pub client: ClientAddr,
     /// The original destination (the application's address and port).
     pub dst: OrigDstAddr,
@@ -65,8 +74,18 @@ pub async fn serve<S>(io: S, facts: Facts) -> HttpOutcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let by = facts
+        .pod
+        .tls
+        .as_ref()
+        .map(|t| t.store.current().spiffe_id.clone());
+    let xfcc = facts
+        .presented
+        .as_ref()
+        .and_then(|cert| http::HeaderValue::from_str(&super::xfcc::value(by.as_ref(), cert)).ok());
     let ctx = Arc::new(Ctx {
         trust_domain: facts.pod.trust_domain(),
+        xfcc,
         facts,
         upstream: tokio::sync::Mutex::new(None),
         requests: AtomicU64::new(0),
@@ -142,6 +161,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
     let caller = Caller {
         peer: ctx.facts.peer.as_ref(),
         client: ctx.facts.client,
+        client_cert: ctx.facts.presented.as_ref().filter(|_| ctx.facts.edge),
     };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let decision = decide(&policy, caller, ctx.facts.dst, &req, &ctx.trust_domain);
@@ -213,6 +233,12 @@ async fn forward(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
     strip_hop_by_hop(req.headers_mut());
+    // What the client claims about certificates is not trusted: only what the agent saw.
+    let headers = req.headers_mut();
+    headers.remove(super::xfcc::HEADER);
+    if let Some(v) = &ctx.xfcc {
+        headers.insert(super::xfcc::HEADER, v.clone());
+    }
     let mut upstream = ctx.upstream.lock().await;
     if upstream.is_none() {
         let tcp = ctx
@@ -262,4 +288,57 @@ async fn forward(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Serves plaintext HTTP on an edge port that redirects: every request is answered with a
+/// 308 to the same host and path over https (the same port speaks TLS). Returns how many
+/// requests were answered.
+pub async fn redirect<S>(io: S, settings: &super::Settings) -> HttpOutcome
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let answered = Arc::new(AtomicU64::new(0));
+    let count = answered.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        count.fetch_add(1, Ordering::Relaxed);
+        std::future::ready(Ok::<_, Infallible>(to_https(&req)))
+    });
+    let (io, watch) = super::watch::watch(io, settings.idle_timeout, settings.http_header_timeout);
+    let builder = server(settings);
+    let error = tokio::select! {
+        r = builder.serve_connection(TokioIo::new(io), service) => r.err().map(|e| e.to_string()),
+        reason = watch.expired() => Some(reason),
+    };
+    HttpOutcome {
+        requests: answered.load(Ordering::Relaxed),
+        denied: 0,
+        error,
+    }
+}
+
+/// The 308 that sends `req` to https, or a 400 when it names no host to send it to.
+fn to_https<B>(req: &Request<B>) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = host
+        .filter(|h| !h.is_empty() && !h.contains(['/', '@']))
+        .and_then(|h| http::HeaderValue::from_str(&format!("https://{h}{pq}")).ok());
+    match location {
+        Some(location) => {
+            let mut resp = text(
+                StatusCode::PERMANENT_REDIRECT,
+                "this port requires https\n".into(),
+            );
+            resp.headers_mut().insert(header::LOCATION, location);
+            resp
+        }
+        None => text(
+            StatusCode::BAD_REQUEST,
+            "this port requires https, and the request names no host to redirect to\n".into(),
+        ),
+    }
 }

@@ -19,7 +19,7 @@ use tracing::warn;
 use super::{Pod, Shared};
 use crate::{
     authz::{Caller, Inbound},
-    identity::PeerIdentity,
+    identity::{CertFacts, PeerIdentity},
     pump::pump,
     telemetry::access::{Access, Detected},
     types::{ClientAddr, Direction, Mode, OrigDstAddr},
@@ -66,8 +66,8 @@ async fn detect(stream: &TcpStream, wait: Duration) -> FirstBytes {
     }
 }
 
-/// What a connection's first bytes say: the agent's TLS (a ClientHello offering its ALPN)
-/// or anything else; `None` while a ClientHello is still arriving and `more` can come.
+/// What a connection's first bytes say: the agent's TLS (a ClientHello offering its ALPN),
+/// other TLS, or anything else; `None` while a ClientHello is still arriving and `more` can come.
 pub fn classify(first: &[u8], more: bool) -> Option<Detected> {
     // 0x16: a TLS handshake record.
     if first.first() != Some(&0x16) {
@@ -90,7 +90,7 @@ pub fn classify(first: &[u8], more: bool) -> Option<Detected> {
             Some(if ours {
                 Detected::AgentTls
             } else {
-                Detected::Plaintext
+                Detected::Tls
             })
         }
         Ok(None) if more => None,
@@ -134,11 +134,13 @@ pub(super) async fn handle(
         return;
     }
     let settings = &shared.settings;
-    // STRICT accepts nothing but mutual TLS, so a slow ClientHello is waited for as long
-    // as a handshake may take; PERMISSIVE must also serve clients that never speak first.
-    let wait = match pod.mode {
-        Mode::Strict => settings.handshake_timeout,
-        Mode::Permissive => settings.detect_timeout,
+    let edge = pod.edge_port(dst.port());
+    // STRICT accepts nothing but mutual TLS, and an edge port nothing but TLS, so a slow
+    // ClientHello is waited for as long as a handshake may take; PERMISSIVE must also
+    // serve clients that never speak first.
+    let wait = match (pod.mode, edge) {
+        (Mode::Strict, _) | (_, Some(_)) => settings.handshake_timeout,
+        (Mode::Permissive, None) => settings.detect_timeout,
     };
     let detected = match detect(&client, wait).await {
         FirstBytes::Closed => {
@@ -147,6 +149,16 @@ pub(super) async fn handle(
         FirstBytes::Seen(d) => d,
     };
     log.detected(detected);
+    if let (Some(edge), false) = (edge, detected == Detected::AgentTls) {
+        return super::edge::serve(&mut log, client, detected, edge, from, dst, &pod, &shared)
+            .await;
+    }
+    // Elsewhere a ClientHello without the agent's ALPN is the application's own TLS: to
+    // the agent it is opaque bytes, like plaintext.
+    let detected = match detected {
+        Detected::Tls => Detected::Plaintext,
+        d => d,
+    };
     match (detected, &pod.tls, pod.mode) {
         (Detected::AgentTls, Some(tls), _) => {
             let permit = match shared.admit_handshake(&pod, Direction::Inbound) {
@@ -190,7 +202,25 @@ pub(super) async fn handle(
                 );
             };
             log.peer(peer.clone(), started.elapsed());
-            forward(&mut log, stream, Some(peer), from, dst, &pod, &shared).await;
+            // Kept for the HTTP path's x-forwarded-client-cert; parsed only if it is taken.
+            let leaf = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            let presented = leaf.map_or(Presented::None, Presented::Mesh);
+            forward(
+                &mut log,
+                stream,
+                Some(peer),
+                presented,
+                from,
+                dst,
+                &pod,
+                &shared,
+            )
+            .await;
         }
         (Detected::AgentTls, None, _) => {
             shared.metrics.count("inbound_tls_without_identity");
@@ -223,6 +253,7 @@ pub(super) async fn handle(
                 ),
             );
         }
+        (Detected::Tls, ..) => unreachable!("mapped to plaintext above"),
         (Detected::Plaintext | Detected::Timeout, _, Mode::Permissive) => {
             shared.metrics.count(if detected == Detected::Timeout {
                 "inbound_detect_timeout"
@@ -230,16 +261,41 @@ pub(super) async fn handle(
                 "inbound_plaintext_accepted"
             });
             log.unauthenticated();
-            forward(&mut log, client, None, from, dst, &pod, &shared).await;
+            forward(
+                &mut log,
+                client,
+                None,
+                Presented::None,
+                from,
+                dst,
+                &pod,
+                &shared,
+            )
+            .await;
         }
     }
 }
 
-/// Authorizes, connects to the application and pumps.
-async fn forward<S>(
+/// The certificate a caller presented, as far as the HTTP path and the policy need it.
+pub(super) enum Presented {
+    None,
+    /// A mesh peer's SVID (its leaf, parsed only when a request needs its facts).
+    Mesh(rustls_pki_types::CertificateDer<'static>),
+    /// An edge client's certificate, if its listener asked for one.
+    Edge(Option<CertFacts>),
+}
+
+/// Authorizes, connects to the application and pumps (or, for HTTP rules and edge
+/// clients, decides and forwards each request).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the connection's facts, each a distinct type"
+)]
+pub(super) async fn forward<S>(
     log: &mut Access<'_>,
     client: S,
     peer: Option<PeerIdentity>,
+    presented: Presented,
     from: ClientAddr,
     dst: OrigDstAddr,
     pod: &Arc<Pod>,
@@ -249,18 +305,33 @@ async fn forward<S>(
 {
     // Complete mediation: the policy decides before the application sees a byte.
     let policy = pod.policy.current();
+    let edge_cert = match &presented {
+        Presented::Edge(cert) => Some(cert.as_ref()),
+        _ => None,
+    };
     let caller = Caller {
         peer: peer.as_ref().map(|p| &p.id),
         client: from,
+        client_cert: edge_cert.flatten(),
     };
-    let permit = match policy.authorize(caller, dst, &pod.trust_domain()) {
+    let decision = policy.authorize(caller, dst, &pod.trust_domain());
+    let edge = edge_cert.is_some();
+    let permit = match decision {
         Err(denial) => {
             log.denied("inbound", &denial);
             shared.metrics.count(&format!("authz_deny:{}", denial.rule));
             return log.refused("denied", "policy", &denial);
         }
-        Ok(Inbound::PerRequest) => {
+        Ok(Inbound::Connection(permit)) if !edge => permit,
+        // HTTP rules apply; or an edge client, which speaks HTTP over the agent's TLS: the
+        // agent serves it and decides each request, whatever rule let the connection in.
+        Ok(_) => {
             log.per_request();
+            let presented = match presented {
+                Presented::None => None,
+                Presented::Mesh(leaf) => CertFacts::of(&leaf),
+                Presented::Edge(cert) => cert,
+            };
             let serve = super::http::serve(
                 client,
                 super::http::Facts {
@@ -268,6 +339,8 @@ async fn forward<S>(
                     pod: pod.clone(),
                     shared: shared.clone(),
                     peer: peer.map(|p| p.id),
+                    presented,
+                    edge,
                     client: from,
                     dst,
                     app_src: app_source(&dst.addr()),
@@ -279,7 +352,6 @@ async fn forward<S>(
             };
             return log.closed_http(outcome);
         }
-        Ok(Inbound::Connection(permit)) => permit,
     };
     log.permitted("inbound", &permit);
     if permit.audit_denied {

@@ -6,11 +6,13 @@
 //! [`crate::authz::Permit`] or [`crate::authz::Denial`] naming its rule. The access record
 //! (`telemetry::access`) is handed the same values; nothing is read back from it.
 
+pub mod edge;
 pub(crate) mod http;
 pub mod inbound;
 pub mod limits;
 pub mod outbound;
 pub(crate) mod watch;
+pub(crate) mod xfcc;
 
 use std::{
     collections::HashMap,
@@ -173,6 +175,8 @@ pub struct Pod {
     /// Present when the pod has an identity: it then speaks mutual TLS with the mesh.
     pub tls: Option<PodTls>,
     pub policy: Arc<PolicyStore>,
+    /// Ports where clients outside the mesh get TLS from the agent.
+    pub edge: Vec<edge::EdgePort>,
     /// How outbound connections reach the agent (and so where their destination is read).
     pub redirect: Redirect,
     /// SO_MARK for upstream sockets, so an iptables REDIRECT in the pod lets them pass.

@@ -29,10 +29,13 @@ use crate::{
     ebpf::{Attach, Kernel, PodEntry, PodLinks},
     identity::{IdentitySource, IdentityStore},
     netns::{Addresses, Netns},
-    proxy::{self, limits::Limits, Lifecycle, Pod, PodTls, Shared},
+    proxy::{self, edge::EdgePort, limits::Limits, Lifecycle, Pod, PodTls, Shared},
     spec::{PodDefaults, PodSpec},
     state::{Origin, Record, StateDir, Status},
-    tls::Expected,
+    tls::{
+        edge::{EdgeSource, EdgeStore},
+        Expected,
+    },
     types::{Direction, FailMode, Mode, PodId, PodName, Redirect, UdpOutbound},
 };
 
@@ -565,6 +568,19 @@ impl Node {
             }
             None => None,
         };
+        let mut edge = Vec::new();
+        for (i, e) in spec.edge.iter().enumerate() {
+            let store = EdgeStore::load(name.clone(), EdgeSource(e.files.clone()))
+                .map_err(|err| ControlError::Invalid(format!("edge[{i}]: {err}")))?;
+            watchers.extend(store.watch().map_err(|err| {
+                failed(format!("cannot watch the edge certificate files: {err}"))
+            })?);
+            edge.push(EdgePort {
+                ports: e.ports.clone(),
+                store,
+                redirect_http: e.redirect_http,
+            });
+        }
         let netns = Netns::open(&spec.netns).map_err(failed)?;
         let cookie = netns.cookie().map_err(failed)?;
         let netns_ident = netns.ident();
@@ -578,6 +594,7 @@ impl Node {
             mode: spec.mode,
             tls,
             policy,
+            edge,
             redirect: spec.redirect,
             upstream_mark: spec.upstream_mark,
             life: Lifecycle::default(),

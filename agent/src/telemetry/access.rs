@@ -10,7 +10,7 @@ use tracing::warn;
 use super::metrics::{ConnInfo, Metrics};
 use crate::{
     authz::{Denial, Permit},
-    identity::PeerIdentity,
+    identity::{CertFacts, PeerIdentity},
     pump::Transfer,
     types::{ClientAddr, Direction, OrigDstAddr, PodName},
 };
@@ -20,7 +20,10 @@ use crate::{
 pub enum Detected {
     /// A ClientHello offering the agent's ALPN.
     AgentTls,
-    /// Bytes that are not the agent's TLS: plaintext or the application's own TLS.
+    /// A ClientHello without it: a client outside the mesh (edge TLS, or the
+    /// application's own TLS on other ports).
+    Tls,
+    /// Anything else.
     Plaintext,
     /// Nothing arrived within the detection window: silence, which is not plaintext.
     Timeout,
@@ -30,6 +33,7 @@ impl Detected {
     pub const fn as_str(self) -> &'static str {
         match self {
             Detected::AgentTls => "agent_tls",
+            Detected::Tls => "tls",
             Detected::Plaintext => "plaintext",
             Detected::Timeout => "timeout",
         }
@@ -44,6 +48,15 @@ pub struct HttpOutcome {
     pub error: Option<String>,
 }
 
+/// What an edge TLS handshake established.
+#[derive(Debug, Clone, Default)]
+pub struct EdgeTls {
+    /// The negotiated ALPN protocol, empty when the client offered none.
+    pub alpn: String,
+    /// The client certificate, when the listener asked for one.
+    pub client_cert: Option<CertFacts>,
+}
+
 pub struct Access<'a> {
     id: u64,
     pod: &'a PodName,
@@ -56,6 +69,8 @@ pub struct Access<'a> {
     peer: Option<PeerIdentity>,
     handshake: Option<Duration>,
     detected: Option<Detected>,
+    /// Served edge TLS by the agent.
+    edge: Option<EdgeTls>,
     /// Forwarded without mutual TLS: the policy decided an unauthenticated caller.
     unauthenticated: bool,
     /// The rule that decided the connection (or that it is decided per HTTP request).
@@ -106,6 +121,7 @@ impl<'a> Access<'a> {
             peer: None,
             handshake: None,
             detected: None,
+            edge: None,
             unauthenticated: false,
             rule: String::new(),
             start: std::time::Instant::now(),
@@ -119,10 +135,10 @@ impl<'a> Access<'a> {
     }
 
     fn tls(&self) -> &'static str {
-        if self.peer.is_some() {
-            "mtls"
-        } else {
-            "none"
+        match (&self.peer, &self.edge) {
+            (Some(_), _) => "mtls",
+            (None, Some(_)) => "edge_tls",
+            (None, None) => "none",
         }
     }
 
@@ -134,7 +150,20 @@ impl<'a> Access<'a> {
         }
     }
 
+    fn client_cert(&self) -> &str {
+        self.edge
+            .as_ref()
+            .and_then(|e| e.client_cert.as_ref())
+            .map_or("", |c| c.subject.as_str())
+    }
+
+    fn alpn(&self) -> &str {
+        self.edge.as_ref().map_or("", |e| e.alpn.as_str())
+    }
+
     fn fill(&self, c: &mut ConnInfo) {
+        c.client_cert = self.client_cert().to_string();
+        c.alpn = self.alpn().to_string();
         c.dst = opt(self.dst);
         c.via = opt(self.via);
         c.tls = self.tls();
@@ -184,6 +213,13 @@ impl<'a> Access<'a> {
         self.publish();
     }
 
+    /// A completed edge TLS handshake, and how long it took.
+    pub fn edge(&mut self, edge: EdgeTls, handshake: Duration) {
+        self.edge = Some(edge);
+        self.handshake = Some(handshake);
+        self.publish();
+    }
+
     /// The policy allowed the connection; `scope` is `inbound` or `egress`.
     pub fn permitted(&mut self, scope: &'static str, permit: &Permit) {
         self.metrics
@@ -220,7 +256,8 @@ impl<'a> Access<'a> {
     pub fn refused(&mut self, outcome: &str, reason: &str, error: &dyn std::fmt::Display) {
         warn!(target: "access", conn = self.id, pod = %self.pod, direction = %self.direction,
               src = %self.client, dst = %opt(self.dst), tls = self.tls(),
-              peer_identity = %self.peer_identity(), policy_rule = %self.rule,
+              peer_identity = %self.peer_identity(), client_cert = %self.client_cert(),
+              alpn = %self.alpn(), policy_rule = %self.rule,
               detected = self.detected.map_or("", Detected::as_str),
               handshake_ms = self.handshake.map(|d| d.as_millis() as u64),
               duration_ms = self.start.elapsed().as_millis() as u64, outcome, reason,
@@ -262,6 +299,8 @@ impl<'a> Access<'a> {
               direction = %self.direction, src = %self.client, dst = %opt(self.dst),
               tls = self.tls(), peer_identity = %self.peer_identity(),
               peer_serial = %self.peer.as_ref().map(|p| p.serial.as_str()).unwrap_or(""),
+              client_cert = %self.client_cert(), alpn = %self.alpn(),
+              detected = self.detected.map_or("", Detected::as_str),
               policy_rule = %self.rule, http_requests = o.requests,
               http_denied = o.denied, duration_ms, outcome = result,
               error = %o.error.unwrap_or_default(), "connection closed");

@@ -76,8 +76,12 @@ pub struct ConnInfo {
     pub tls: &'static str,
     pub peer_identity: String,
     pub peer_serial: String,
+    /// Edge TLS: the subject of the client certificate the client presented, if any.
+    pub client_cert: String,
+    /// Edge TLS: the negotiated ALPN protocol (`h2`, `http/1.1`, or empty).
+    pub alpn: String,
     pub policy_rule: String,
-    /// Inbound: what the first bytes were (`agent_tls`, `plaintext`, `timeout`).
+    /// Inbound: what the first bytes were (`agent_tls`, `tls`, `plaintext`, `timeout`).
     pub detected: &'static str,
     /// How long the mutual TLS handshake took.
     pub handshake_ms: Option<u64>,

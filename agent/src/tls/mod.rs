@@ -9,6 +9,8 @@
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
+pub mod edge;
+
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{CertificateDer, ServerName, UnixTime},

@@ -85,7 +85,13 @@ fn main() {
                 .map(|(m, p)| (m.to_string(), p.to_string()))
                 .collect();
             let h2 = args.iter().any(|a| a == "--h2");
-            let summary = rt.block_on(simnode::http_app::client(to, &requests, h2));
+            let headers: Vec<(String, String)> = args
+                .windows(2)
+                .filter(|w| w[0] == "--header")
+                .filter_map(|w| w[1].split_once(':'))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect();
+            let summary = rt.block_on(simnode::http_app::client(to, &requests, h2, &headers));
             println!("{}", serde_json::to_string(&summary).unwrap());
         }
         _ => {
