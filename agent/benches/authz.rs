@@ -52,6 +52,7 @@ fn bench(c: &mut Criterion) {
         method: "GET",
         path: "/api/4417/items",
         has_header: &none,
+        claims: None,
     };
     c.bench_function("http decision, 10k rules / 1k identities", |b| {
         b.iter(|| {

@@ -75,7 +75,7 @@ fn exercise(policy: &Policy) {
                 .header("x-user", "a")
                 .body(())
                 .expect("a literal request");
-            let _ = crate::proxy::http::decide(policy, caller, dst, &req, "td.test");
+            let _ = crate::proxy::http::decide(policy, caller, dst, &req, None, "td.test");
         }
     }
 }
@@ -156,10 +156,11 @@ pub fn http(data: &[u8]) {
                 client_cert: None,
             };
             let dst = OrigDstAddr::new(addr("10.0.0.2:8080"));
-            let status = match crate::proxy::http::decide(http_policy(), caller, dst, &req, "td") {
-                Ok(_) => 200,
-                Err(_) => 403,
-            };
+            let status =
+                match crate::proxy::http::decide(http_policy(), caller, dst, &req, None, "td") {
+                    Ok(_) => 200,
+                    Err(_) => 403,
+                };
             let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
             *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("a status");
             Ok::<_, std::convert::Infallible>(resp)

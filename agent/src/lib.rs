@@ -11,6 +11,7 @@
 #![deny(clippy::disallowed_types)]
 
 pub mod admin;
+pub mod authn;
 pub mod authz;
 pub mod ca;
 pub mod cgroup;

@@ -218,6 +218,7 @@ impl EnrollArgs {
             redirect: self.redirect,
             accelerate: self.accelerate,
             edge: Vec::new(),
+            authn: None,
             kubernetes: None,
         }
     }

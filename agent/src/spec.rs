@@ -77,6 +77,9 @@ pub struct PodRequest {
     /// Ports on which clients outside the mesh get TLS from the agent (edge TLS).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub edge: Vec<EdgeRequest>,
+    /// End-user authentication on the pod's HTTP ports (bearer tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authn: Option<AuthnRequest>,
     /// The Kubernetes pod behind it, when a container runtime's CNI plugin asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<K8sPod>,
@@ -102,6 +105,118 @@ pub struct EdgeRequest {
     /// Answer plaintext HTTP with a 308 to https instead of refusing the connection.
     #[serde(default)]
     pub redirect_http: bool,
+}
+
+/// A `[pod.authn]` table: on `ports` (default: every port whose requests the agent
+/// inspects), every request must carry a valid bearer token from one of the issuers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthnRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// The header the application reads the verified subject from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_header: Option<String>,
+    #[serde(default)]
+    pub jwt: Vec<JwtIssuerRequest>,
+    /// Pass the `Authorization` header on to the application (default: removed once
+    /// verified, so the token goes no further than it must).
+    #[serde(default)]
+    pub forward_token: bool,
+}
+
+/// One trusted token issuer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuerRequest {
+    /// The `iss` its tokens carry.
+    pub issuer: String,
+    /// Accepted `aud` values (empty: the audience is not checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Its public keys, a JWK set (JSON); watched and reloaded.
+    pub jwks: PathBuf,
+    /// How far `exp` and `nbf` may be off (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew_seconds: Option<u64>,
+}
+
+/// A validated `[pod.authn]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuthnSpec {
+    pub ports: Vec<u16>,
+    pub subject_header: Option<String>,
+    pub forward_token: bool,
+    pub jwt: Vec<JwtIssuerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JwtIssuerSpec {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks: PathBuf,
+    pub clock_skew_seconds: u64,
+}
+
+/// The skew `exp` and `nbf` get when the issuer names none.
+pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 60;
+
+impl AuthnRequest {
+    fn validate(
+        &self,
+        invalid: &dyn Fn(&str, String) -> SpecError,
+    ) -> Result<AuthnSpec, SpecError> {
+        if let Some(j) = self.ports.iter().position(|p| *p == 0) {
+            return Err(invalid(
+                &format!("ports[{j}]"),
+                "port 0 is not a port".into(),
+            ));
+        }
+        if let Some(h) = &self.subject_header {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(invalid(
+                    "subject_header",
+                    format!("`{h}` is not an HTTP header name"),
+                ));
+            }
+        }
+        if self.jwt.is_empty() {
+            return Err(invalid(
+                "jwt",
+                "name at least one issuer ([[pod.authn.jwt]] with issuer and jwks)".into(),
+            ));
+        }
+        let mut jwt: Vec<JwtIssuerSpec> = Vec::new();
+        for (i, j) in self.jwt.iter().enumerate() {
+            if j.issuer.trim().is_empty() {
+                return Err(invalid(
+                    &format!("jwt[{i}].issuer"),
+                    "empty: give the `iss` its tokens carry".into(),
+                ));
+            }
+            if jwt.iter().any(|o| o.issuer == j.issuer) {
+                return Err(invalid(
+                    &format!("jwt[{i}].issuer"),
+                    format!("`{}` is listed twice", j.issuer),
+                ));
+            }
+            jwt.push(JwtIssuerSpec {
+                issuer: j.issuer.clone(),
+                audiences: j.audiences.clone(),
+                jwks: j.jwks.clone(),
+                clock_skew_seconds: j.clock_skew_seconds.unwrap_or(DEFAULT_CLOCK_SKEW_SECONDS),
+            });
+        }
+        let mut ports = self.ports.clone();
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(AuthnSpec {
+            ports,
+            subject_header: self.subject_header.as_ref().map(|h| h.to_ascii_lowercase()),
+            forward_token: self.forward_token,
+            jwt,
+        })
+    }
 }
 
 /// A validated edge listener.
@@ -179,6 +294,7 @@ pub struct PodSpec {
     pub redirect: Redirect,
     pub accelerate: bool,
     pub edge: Vec<EdgeSpec>,
+    pub authn: Option<AuthnSpec>,
     /// The SO_MARK of upstream sockets (only for `redirect = "iptables"`).
     pub upstream_mark: Option<u32>,
     pub kubernetes: Option<K8sPod>,
@@ -335,6 +451,10 @@ impl PodRequest {
             }
             edge.push(spec);
         }
+        let authn = match &self.authn {
+            Some(a) => Some(a.validate(&|f, reason| invalid(&format!("authn.{f}"), reason))?),
+            None => None,
+        };
         let sorted = |v: &[u16]| {
             let mut v = v.to_vec();
             v.sort_unstable();
@@ -358,6 +478,7 @@ impl PodRequest {
             redirect: self.redirect,
             accelerate: self.accelerate,
             edge,
+            authn,
             upstream_mark: (self.redirect == Redirect::Iptables)
                 .then_some(defaults.upstream_mark)
                 .flatten(),
@@ -442,6 +563,7 @@ impl PodSpec {
             format!("[{}]", v.join("; "))
         };
         cmp("edge", edge(&self.edge), edge(&other.edge));
+        cmp("authn", dbg(&self.authn), dbg(&other.authn));
         let k8s = |k: &Option<K8sPod>| {
             k.as_ref().map_or("(none)".into(), |k| {
                 format!("{k}, sandbox {}", k.container_id)
@@ -679,6 +801,34 @@ pub(crate) mod tests {
             .unwrap_err()
             .reason
             .contains("exclude_inbound_ports"));
+    }
+
+    #[test]
+    fn authn_names_its_field() {
+        let mut r = request("a");
+        r.authn = Some(AuthnRequest::default());
+        assert_eq!(check(&r).unwrap_err().field, "authn.jwt");
+        let issuer = JwtIssuerRequest {
+            issuer: "https://login.example".into(),
+            jwks: "/etc/jwks.json".into(),
+            ..Default::default()
+        };
+        r.authn = Some(AuthnRequest {
+            subject_header: Some("X-User".into()),
+            jwt: vec![issuer.clone()],
+            ..Default::default()
+        });
+        let spec = check(&r).unwrap().authn.unwrap();
+        assert_eq!(spec.jwt[0].clock_skew_seconds, DEFAULT_CLOCK_SKEW_SECONDS);
+        assert_eq!(spec.subject_header.as_deref(), Some("x-user"));
+        r.authn = Some(AuthnRequest {
+            subject_header: Some("bad header".into()),
+            jwt: vec![issuer.clone(), issuer],
+            ..Default::default()
+        });
+        assert_eq!(check(&r).unwrap_err().field, "authn.subject_header");
+        r.authn.as_mut().unwrap().subject_header = None;
+        assert_eq!(check(&r).unwrap_err().field, "authn.jwt[1].issuer");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod cni;
 pub mod cri;
 pub mod http_app;
 pub mod image;
+pub mod jwt;
 mod node;
 pub mod pki;
 pub mod proto;

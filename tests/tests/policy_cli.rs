@@ -137,3 +137,36 @@ fn eval_decides_an_edge_client_by_its_certificate() {
     let (c, out) = eval("shop.partner.example", "/admin");
     assert!(c == 1 && out.contains("default deny"), "{out}");
 }
+
+#[test]
+fn eval_decides_a_request_by_its_token_claims() {
+    let p = file(
+        "claims.yaml",
+        "rules:\n  - name: admins\n    action: allow\n    from: { claims: { groups: [admins] } }\n    http: { paths: [\"/admin*\"] }\n",
+    );
+    let eval = |claims: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "eval",
+            "--policy",
+            &p,
+            "--from",
+            "unauthenticated",
+            "--port",
+            "8080",
+            "--method",
+            "GET",
+            "--path",
+            "/admin",
+        ];
+        for c in claims {
+            args.extend(["--claim", c]);
+        }
+        agent(&args)
+    };
+    let (c, out) = eval(&["sub=bob", "groups=users", "groups=admins"]);
+    assert_eq!(c, 0, "{out}");
+    assert!(out.contains("ALLOW request by `admins`"), "{out}");
+    let (c, out) = eval(&["sub=alice", "groups=users"]);
+    assert!(c == 1 && out.contains("default deny"), "{out}");
+}

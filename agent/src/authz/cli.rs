@@ -31,6 +31,10 @@ pub enum PolicyCmd {
         /// ...and this subject (as the access log's `client_cert` prints it).
         #[arg(long)]
         client_subject: Option<String>,
+        /// A claim of the request's verified bearer token, `name=value` (repeat a name for
+        /// an array claim such as `groups`).
+        #[arg(long = "claim")]
+        claims: Vec<String>,
     },
 }
 
@@ -62,7 +66,22 @@ pub fn run(cmd: PolicyCmd) -> (String, u8) {
             trust_domain,
             client_sans,
             client_subject,
+            claims,
         } => {
+            let mut token = crate::authn::Claims::default();
+            for c in &claims {
+                let Some((name, value)) = c.split_once('=') else {
+                    return (format!("--claim {c}: give name=value"), 2);
+                };
+                let entry = token
+                    .all
+                    .entry(name.to_string())
+                    .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+                if let serde_json::Value::Array(items) = entry {
+                    items.push(value.into());
+                }
+            }
+            let token = (!claims.is_empty()).then_some(token);
             let file = match PolicyFile::load(&policy) {
                 Ok(f) => f,
                 Err(e) => return (e.to_string(), 2),
@@ -126,6 +145,7 @@ pub fn run(cmd: PolicyCmd) -> (String, u8) {
                         method: m,
                         path,
                         has_header: &none,
+                        claims: token.as_ref(),
                     },
                     &td,
                 );

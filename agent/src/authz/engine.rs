@@ -13,7 +13,7 @@ use super::policy::{
     Action, Cidr, ClientCertFile, DefaultAction, HttpFile, IdPattern, PathPattern, PolicyFile,
     PortRange,
 };
-use crate::identity::CertFacts;
+use crate::{authn::Claims, identity::CertFacts};
 
 /// The connection being decided.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +34,8 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// Whether the request carries header `name` (lower case) with exactly `value`.
     pub has_header: &'a dyn Fn(&str, &str) -> bool,
+    /// The claims of the request's verified bearer token.
+    pub claims: Option<&'a Claims>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,10 +79,26 @@ struct Rule {
     cidrs: Vec<Cidr>,
     ports: Vec<PortRange>,
     client_cert: Option<ClientCertFile>,
+    claims: Vec<(String, Vec<String>)>,
     http: Option<Http>,
 }
 
 impl Rule {
+    /// Whether the rule can only be decided per request.
+    fn per_request(&self) -> bool {
+        self.http.is_some() || !self.claims.is_empty()
+    }
+
+    fn matches_request(&self, r: &Request<'_>) -> bool {
+        self.http.as_ref().is_none_or(|h| h.matches(r))
+            && (self.claims.is_empty()
+                || r.claims.is_some_and(|c| {
+                    self.claims
+                        .iter()
+                        .all(|(name, values)| values.iter().any(|v| c.has(name, v)))
+                }))
+    }
+
     fn matches_l4(&self, c: &Conn<'_>) -> bool {
         (self.cidrs.is_empty() || self.cidrs.iter().any(|n| n.contains(c.src)))
             && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(c.port)))
@@ -185,6 +203,7 @@ impl Policy {
                 cidrs: r.from.cidrs,
                 ports: r.to.ports,
                 client_cert: r.from.client_cert,
+                claims: r.from.claims.into_iter().collect(),
                 http: r.http.map(|h: HttpFile| Http {
                     methods: h.methods,
                     paths: h.paths,
@@ -250,7 +269,7 @@ impl Policy {
             if !r.matches_l4(c) {
                 return;
             }
-            match (r.action, r.http.is_some()) {
+            match (r.action, r.per_request()) {
                 (_, true) => http = true,
                 (Action::Deny, false) => deny = deny.min(i),
                 (Action::Allow, false) => allow = allow.min(i),
@@ -301,7 +320,7 @@ impl Policy {
         let (mut deny, mut allow) = (u32::MAX, u32::MAX);
         self.for_candidates(c, |i| {
             let r = &self.rules[i as usize];
-            if !r.matches_l4(c) || r.http.as_ref().is_some_and(|h| !h.matches(req)) {
+            if !r.matches_l4(c) || !r.matches_request(req) {
                 return;
             }
             match r.action {

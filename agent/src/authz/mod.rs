@@ -374,6 +374,7 @@ rules:
                 method,
                 path,
                 has_header,
+                claims: None,
             };
             let d = p.decide_http(&c, &r, TD);
             assert_eq!(

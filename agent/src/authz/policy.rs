@@ -99,6 +99,10 @@ pub struct FromFile {
     pub cidrs: Vec<Cidr>,
     /// Edge TLS clients whose verified certificate matches (the listener's `client_ca`).
     pub client_cert: Option<ClientCertFile>,
+    /// Requests whose verified bearer token has, for every claim named, one of the values
+    /// listed (`sub: [alice]`, `groups: [admins]`); decided per request.
+    #[serde(default)]
+    pub claims: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// A client certificate condition: any listed SAN (DNS name, URI or email), and any

@@ -25,6 +25,7 @@ use tracing::warn;
 
 use super::{Pod, Shared};
 use crate::{
+    authn::Claims,
     authz::{Caller, Request as AuthzRequest},
     identity::{CertFacts, SpiffeId},
     telemetry::access::HttpOutcome,
@@ -48,6 +49,10 @@ struct Ctx {
     upstream: tokio::sync::Mutex<Option<Upstream>>,
     requests: AtomicU64,
     denied: AtomicU64,
+    /// Requests answered 401 (no valid bearer token).
+    unauthenticated: AtomicU64,
+    /// The first verified token subject, for the connection's access record.
+    subject: std::sync::OnceLock<String>,
 }
 
 /// What is known about an inspected connection before its first request.
@@ -90,6 +95,8 @@ where
         upstream: tokio::sync::Mutex::new(None),
         requests: AtomicU64::new(0),
         denied: AtomicU64::new(0),
+        unauthenticated: AtomicU64::new(0),
+        subject: std::sync::OnceLock::new(),
     });
     let svc_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| handle(svc_ctx.clone(), req));
@@ -104,6 +111,8 @@ where
     HttpOutcome {
         requests: ctx.requests.load(Ordering::Relaxed),
         denied: ctx.denied.load(Ordering::Relaxed),
+        unauthenticated: ctx.unauthenticated.load(Ordering::Relaxed),
+        subject: ctx.subject.get().cloned().unwrap_or_default(),
         error,
     }
 }
@@ -133,6 +142,7 @@ pub(crate) fn decide<B>(
     caller: Caller<'_>,
     dst: OrigDstAddr,
     req: &Request<B>,
+    claims: Option<&Claims>,
     trust_domain: &str,
 ) -> Result<crate::authz::Permit, crate::authz::Denial> {
     let headers = req.headers();
@@ -150,6 +160,7 @@ pub(crate) fn decide<B>(
             method: req.method().as_str(),
             path,
             has_header: &has_header,
+            claims,
         },
         trust_domain,
     )
@@ -164,9 +175,51 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         client_cert: ctx.facts.presented.as_ref().filter(|_| ctx.facts.edge),
     };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let decision = decide(&policy, caller, ctx.facts.dst, &req, &ctx.trust_domain);
     let metrics = &ctx.facts.shared.metrics;
     let pod = &ctx.facts.pod.name;
+    // End-user authentication first: the policy may decide on the token's claims.
+    let authn = ctx
+        .facts
+        .pod
+        .authn
+        .as_ref()
+        .filter(|a| a.applies_to(ctx.facts.dst.port()));
+    let claims = match authn.map(|a| a.check(req.headers(), crate::authn::now())) {
+        None => None,
+        Some(Ok(claims)) => Some(claims),
+        Some(Err(why)) => {
+            ctx.unauthenticated.fetch_add(1, Ordering::Relaxed);
+            metrics.count(&format!("jwt_rejected_{}", why.as_str()));
+            metrics.authn(pod.as_str(), why.as_str());
+            warn!(target: "access", conn = ctx.facts.id, pod = %pod, direction = "inbound",
+                  kind = "http_request", src = %ctx.facts.client, dst = %ctx.facts.dst,
+                  method = %req.method(), path = %path, reason = why.as_str(), status = 401,
+                  "request unauthenticated");
+            let mut resp = text(
+                StatusCode::UNAUTHORIZED,
+                format!("bearer token {}\n", why.as_str().replace('_', " ")),
+            );
+            let challenge = authn
+                .map(|a| a.challenge(pod.as_str(), why))
+                .unwrap_or_default();
+            if let Ok(v) = http::HeaderValue::from_str(&challenge) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            return Ok(resp);
+        }
+    };
+    let sub = claims.as_ref().map_or("", |c| c.subject.as_str());
+    if !sub.is_empty() {
+        let _ = ctx.subject.set(sub.to_string());
+    }
+    let decision = decide(
+        &policy,
+        caller,
+        ctx.facts.dst,
+        &req,
+        claims.as_deref(),
+        &ctx.trust_domain,
+    );
     let permit = match decision {
         Ok(permit) => permit,
         Err(denial) => {
@@ -175,8 +228,8 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
             metrics.count(&format!("authz_http_deny:{}", denial.rule));
             warn!(target: "access", conn = ctx.facts.id, pod = %pod, direction = "inbound",
                   kind = "http_request", src = %ctx.facts.client, dst = %ctx.facts.dst,
-                  method = %req.method(), path = %path, policy_rule = %denial.rule, status = 403,
-                  "request denied");
+                  method = %req.method(), path = %path, sub = %sub,
+                  policy_rule = %denial.rule, status = 403, "request denied");
             return Ok(text(
                 StatusCode::FORBIDDEN,
                 format!("denied by policy rule `{}`\n", denial.rule),
@@ -191,7 +244,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
     } else {
         metrics.count(&format!("authz_http_allow:{}", permit.rule));
     }
-    match forward(&ctx, req).await {
+    match forward(&ctx, req, authn, claims.as_deref()).await {
         Ok(resp) => Ok(resp),
         Err(e) => {
             warn!(pod = %ctx.facts.pod.name, error = %e, "cannot forward the request to the application");
@@ -231,13 +284,28 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 async fn forward(
     ctx: &Ctx,
     mut req: Request<Incoming>,
+    authn: Option<&crate::authn::Authn>,
+    claims: Option<&Claims>,
 ) -> Result<Response<Body>, Box<dyn std::error::Error + Send + Sync>> {
     strip_hop_by_hop(req.headers_mut());
-    // What the client claims about certificates is not trusted: only what the agent saw.
+    // What the client claims about certificates or users is not trusted: only what the
+    // agent verified.
     let headers = req.headers_mut();
     headers.remove(super::xfcc::HEADER);
     if let Some(v) = &ctx.xfcc {
         headers.insert(super::xfcc::HEADER, v.clone());
+    }
+    if let Some(a) = authn {
+        if let Some(name) = &a.subject_header {
+            headers.remove(name);
+            let subject = claims.and_then(|c| http::HeaderValue::from_str(&c.subject).ok());
+            if let Some(v) = subject.filter(|v| !v.is_empty()) {
+                headers.insert(name.clone(), v);
+            }
+        }
+        if !a.forward_token {
+            headers.remove(header::AUTHORIZATION);
+        }
     }
     let mut upstream = ctx.upstream.lock().await;
     if upstream.is_none() {
@@ -311,8 +379,8 @@ where
     };
     HttpOutcome {
         requests: answered.load(Ordering::Relaxed),
-        denied: 0,
         error,
+        ..Default::default()
     }
 }
 

@@ -316,15 +316,20 @@ pub(super) async fn forward<S>(
     };
     let decision = policy.authorize(caller, dst, &pod.trust_domain());
     let edge = edge_cert.is_some();
+    let authenticated = pod
+        .authn
+        .as_ref()
+        .is_some_and(|a| a.forces_inspection(dst.port()));
     let permit = match decision {
         Err(denial) => {
             log.denied("inbound", &denial);
             shared.metrics.count(&format!("authz_deny:{}", denial.rule));
             return log.refused("denied", "policy", &denial);
         }
-        Ok(Inbound::Connection(permit)) if !edge => permit,
-        // HTTP rules apply; or an edge client, which speaks HTTP over the agent's TLS: the
-        // agent serves it and decides each request, whatever rule let the connection in.
+        Ok(Inbound::Connection(permit)) if !edge && !authenticated => permit,
+        // HTTP rules apply; or an edge client, which speaks HTTP over the agent's TLS, or an
+        // authn port, whose every request needs a token: the agent serves it and decides
+        // each request, whatever rule let the connection in.
         Ok(_) => {
             log.per_request();
             let presented = match presented {

@@ -177,6 +177,8 @@ pub struct Pod {
     pub policy: Arc<PolicyStore>,
     /// Ports where clients outside the mesh get TLS from the agent.
     pub edge: Vec<edge::EdgePort>,
+    /// End-user authentication of the pod's HTTP requests.
+    pub authn: Option<crate::authn::Authn>,
     /// How outbound connections reach the agent (and so where their destination is read).
     pub redirect: Redirect,
     /// SO_MARK for upstream sockets, so an iptables REDIRECT in the pod lets them pass.

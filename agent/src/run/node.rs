@@ -25,6 +25,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{Admin, ControlError, ControlReply, PodView},
+    authn::{
+        jwt::{Issuer, JwksSource, JwksStore},
+        Authn,
+    },
     authz::{PolicySource, PolicyStore},
     ebpf::{Attach, Kernel, PodEntry, PodLinks},
     identity::{IdentitySource, IdentityStore},
@@ -581,6 +585,39 @@ impl Node {
                 redirect_http: e.redirect_http,
             });
         }
+        let authn = match &spec.authn {
+            Some(a) => {
+                let mut issuers = Vec::new();
+                for (i, j) in a.jwt.iter().enumerate() {
+                    let source = JwksSource {
+                        path: j.jwks.clone(),
+                        issuer: j.issuer.clone(),
+                    };
+                    let jwks = JwksStore::load(name.clone(), source)
+                        .map_err(|e| ControlError::Invalid(format!("authn.jwt[{i}]: {e}")))?;
+                    watchers.extend(
+                        jwks.watch()
+                            .map_err(|e| failed(format!("cannot watch the JWKS file: {e}")))?,
+                    );
+                    issuers.push(Issuer {
+                        issuer: j.issuer.clone(),
+                        audiences: j.audiences.clone(),
+                        skew_seconds: j.clock_skew_seconds,
+                        jwks,
+                    });
+                }
+                Some(Authn {
+                    ports: a.ports.clone(),
+                    subject_header: a
+                        .subject_header
+                        .as_ref()
+                        .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+                    forward_token: a.forward_token,
+                    issuers,
+                })
+            }
+            None => None,
+        };
         let netns = Netns::open(&spec.netns).map_err(failed)?;
         let cookie = netns.cookie().map_err(failed)?;
         let netns_ident = netns.ident();
@@ -595,6 +632,7 @@ impl Node {
             tls,
             policy,
             edge,
+            authn,
             redirect: spec.redirect,
             upstream_mark: spec.upstream_mark,
             life: Lifecycle::default(),

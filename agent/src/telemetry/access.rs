@@ -45,6 +45,10 @@ impl Detected {
 pub struct HttpOutcome {
     pub requests: u64,
     pub denied: u64,
+    /// Answered 401: no valid bearer token.
+    pub unauthenticated: u64,
+    /// The first verified token subject (`sub`), never the token.
+    pub subject: String,
     pub error: Option<String>,
 }
 
@@ -302,7 +306,8 @@ impl<'a> Access<'a> {
               client_cert = %self.client_cert(), alpn = %self.alpn(),
               detected = self.detected.map_or("", Detected::as_str),
               policy_rule = %self.rule, http_requests = o.requests,
-              http_denied = o.denied, duration_ms, outcome = result,
+              http_denied = o.denied, http_unauthenticated = o.unauthenticated, sub = %o.subject,
+              duration_ms, outcome = result,
               error = %o.error.unwrap_or_default(), "connection closed");
         self.finish(result, "", 0, 0);
     }

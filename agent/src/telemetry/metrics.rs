@@ -51,6 +51,12 @@ pub struct ShedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthnLabels {
+    pub pod: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
     pub pod: String,
     /// `inbound`, `http` (per request) or `egress`.
@@ -104,6 +110,7 @@ pub struct Metrics {
     pub handshake_seconds: Family<DirLabels, Histogram>,
     pub authz: Family<AuthzLabels, Counter>,
     pub shed: Family<ShedLabels, Counter>,
+    pub authn_rejected: Family<AuthnLabels, Counter>,
     /// Sharded maps, so connections opening and closing on every core do not queue on one
     /// lock.
     live: DashMap<u64, ConnInfo>,
@@ -162,6 +169,12 @@ impl Metrics {
         });
         let authz = Family::<AuthzLabels, Counter>::default();
         let shed = Family::<ShedLabels, Counter>::default();
+        let authn_rejected = Family::<AuthnLabels, Counter>::default();
+        registry.register(
+            "authn_rejected",
+            "HTTP requests answered 401 because no valid bearer token came, by reason",
+            authn_rejected.clone(),
+        );
         registry.register(
             "connections_shed",
             "New connections refused because a limit was reached, by reason",
@@ -204,6 +217,7 @@ impl Metrics {
             handshake_seconds,
             authz,
             shed,
+            authn_rejected,
             live: DashMap::new(),
             recent: DashMap::new(),
             closed_seq: AtomicU64::new(0),
@@ -227,6 +241,15 @@ impl Metrics {
                 scope,
                 decision: if allow { "allow" } else { "deny" },
                 rule: rule.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn authn(&self, pod: &str, reason: &'static str) {
+        self.authn_rejected
+            .get_or_create(&AuthnLabels {
+                pod: pod.to_string(),
+                reason,
             })
             .inc();
     }
