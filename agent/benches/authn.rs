@@ -1,4 +1,4 @@
-//! What a JWT costs a request: `Authn::check` on a token the agent has seen before (the
+//! What a JWT costs a request: `Authn::bearer` on a token the agent has seen before (the
 //! common case: clients reuse a token until it expires), and the ES256 signature check a
 //! first sight pays. Target (issue 14): at most 10 µs added per authenticated request.
 //! Run: `cargo bench -p agent --bench authn`.
@@ -34,6 +34,7 @@ fn bench(c: &mut Criterion) {
         ports: vec![],
         subject_header: None,
         forward_token: false,
+        basic: None,
         issuers: vec![Issuer {
             issuer: "https://login.test".into(),
             audiences: vec!["shop".into()],
@@ -57,9 +58,13 @@ fn bench(c: &mut Criterion) {
         http::header::AUTHORIZATION,
         format!("Bearer {}", sign(0)).parse().expect("header"),
     );
-    authn.check(&headers, now).expect("a good token");
+    let check = |h: &http::HeaderMap| {
+        let value = h[http::header::AUTHORIZATION].to_str().expect("ascii");
+        authn.bearer(value.trim_start_matches("Bearer "), now)
+    };
+    check(&headers).expect("a good token");
     c.bench_function("jwt check, token seen before (ES256)", |b| {
-        b.iter(|| authn.check(black_box(&headers), now).expect("good"))
+        b.iter(|| check(black_box(&headers)).expect("good"))
     });
     // A new token each time, more of them than the cache holds: every check verifies.
     let fresh: Vec<http::HeaderMap> = (1..=10_000)
@@ -76,7 +81,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("jwt check, first sight (ES256 verify)", |b| {
         b.iter(|| {
             i = (i + 1) % fresh.len();
-            authn.check(black_box(&fresh[i]), now).expect("good")
+            check(black_box(&fresh[i])).expect("good")
         })
     });
     let _ = std::fs::remove_file(&path);

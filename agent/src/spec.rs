@@ -119,10 +119,24 @@ pub struct AuthnRequest {
     pub subject_header: Option<String>,
     #[serde(default)]
     pub jwt: Vec<JwtIssuerRequest>,
+    /// Basic authentication from a hashed credentials file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic: Option<BasicRequest>,
     /// Pass the `Authorization` header on to the application (default: removed once
     /// verified, so the token goes no further than it must).
     #[serde(default)]
     pub forward_token: bool,
+}
+
+/// `[pod.authn.basic]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicRequest {
+    /// `user:hash` lines, bcrypt (`htpasswd -B`) or Argon2; watched and reloaded.
+    pub htpasswd: PathBuf,
+    /// The realm browsers show (default: the pod's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realm: Option<String>,
 }
 
 /// One trusted token issuer.
@@ -148,6 +162,7 @@ pub struct AuthnSpec {
     pub subject_header: Option<String>,
     pub forward_token: bool,
     pub jwt: Vec<JwtIssuerSpec>,
+    pub basic: Option<BasicRequest>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -180,11 +195,19 @@ impl AuthnRequest {
                 ));
             }
         }
-        if self.jwt.is_empty() {
+        if self.jwt.is_empty() && self.basic.is_none() {
             return Err(invalid(
                 "jwt",
-                "name at least one issuer ([[pod.authn.jwt]] with issuer and jwks)".into(),
+                "name at least one issuer ([[pod.authn.jwt]] with issuer and jwks), or [pod.authn.basic]".into(),
             ));
+        }
+        if let Some(realm) = self.basic.as_ref().and_then(|b| b.realm.as_ref()) {
+            if realm.contains(['"', '\\']) || realm.chars().any(char::is_control) {
+                return Err(invalid(
+                    "basic.realm",
+                    "no quotes, backslashes or control characters".into(),
+                ));
+            }
         }
         let mut jwt: Vec<JwtIssuerSpec> = Vec::new();
         for (i, j) in self.jwt.iter().enumerate() {
@@ -215,6 +238,7 @@ impl AuthnRequest {
             subject_header: self.subject_header.as_ref().map(|h| h.to_ascii_lowercase()),
             forward_token: self.forward_token,
             jwt,
+            basic: self.basic.clone(),
         })
     }
 }

@@ -1,8 +1,9 @@
 //! End-user authentication on a simulated node: a pod with no login of its own gets JWT
 //! bearer tokens checked in front of it (ES256, RS256, EdDSA; iss, aud, exp, nbf with
 //! skew), a 401 naming the reason otherwise, claims deciding rules, the verified subject
-//! passed in a header the client cannot forge, and the key set hot-reloaded. The client is
-//! curl on the node; the app records every request it sees.
+//! passed in a header the client cannot forge, and the key set hot-reloaded; or basic
+//! authentication from a bcrypt/Argon2 credentials file. The client is curl on the node;
+//! the app records every request it sees.
 
 mod common;
 
@@ -118,6 +119,15 @@ fn bearer_tokens_are_required_verified_and_their_claims_decide() {
     let mut agent = Agent::start(&cfg);
     let to = at(b, false, 8080);
     let mut reached = 0;
+    let view = &agent.pods()[0]["authn"];
+    assert_eq!(
+        (
+            view["jwt"][0]["issuer"].as_str(),
+            view["jwt"][0]["keys"].as_u64()
+        ),
+        (Some(ISSUER), Some(3)),
+        "{view}"
+    );
 
     // A good token from each key: served, the app sees the subject the agent verified
     // (not the one the client claims) and no token.
@@ -296,5 +306,117 @@ fn the_key_set_reloads_and_a_bad_one_keeps_the_last_good_keys() {
         WAIT,
     );
     assert_eq!(with(&new), 200);
+    assert!(agent.stop().success());
+}
+
+/// `user:hash` lines: alice with bcrypt (as `htpasswd -B` writes it), bob with Argon2id.
+fn htpasswd(path: &Path) {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let alice = bcrypt::hash("wonderland", 5).unwrap();
+    let salt = SaltString::encode_b64(b"a fixed test salt").unwrap();
+    let bob = argon2::Argon2::default()
+        .hash_password(b"builder", &salt)
+        .unwrap()
+        .to_string();
+    std::fs::write(path, format!("# shop users\nalice:{alice}\nbob:{bob}\n")).unwrap();
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Authorization: Basic {b64}")
+}
+
+#[test]
+fn basic_auth_checks_hashed_credentials_and_names_the_user() {
+    let Some(node) = node("authn_basic", &["b"]) else {
+        return;
+    };
+    let b = node.pod("b");
+    let file = node.tmp().join("htpasswd");
+    htpasswd(&file);
+    let policy = node.tmp().join("b-policy.yaml");
+    std::fs::write(
+        &policy,
+        "default: deny\nrules:\n  - name: bob-admin\n    action: allow\n    from: { claims: { sub: [bob] } }\n    http: { paths: [\"/admin*\"] }\n  - name: users\n    action: allow\n    from: { unauthenticated: true }\n    http: { paths: [\"/shop*\"] }\n",
+    )
+    .unwrap();
+    let text = format!(
+        "policy = \"{}\"\n[authn]\nports = [8080]\nsubject_header = \"x-user\"\n[authn.basic]\nhtpasswd = \"{}\"\nrealm = \"shop\"\n",
+        policy.display(),
+        file.display()
+    );
+    let srv = b.serve_http(&[8080]);
+    let cfg = AgentConfig::new(&node).pod_table(b, "open", toml::from_str(&text).unwrap());
+    let mut agent = Agent::start(&cfg);
+    let to = at(b, false, 8080);
+
+    // Each user, twice (the second from the cache), with a forged user header replaced.
+    let mut reached = 0;
+    for (user, password) in [("alice", "wonderland"), ("bob", "builder")] {
+        for _ in 0..2 {
+            let r = get(
+                &node,
+                to,
+                "/shop",
+                &[basic(user, password), "x-user: root".into()],
+            );
+            assert_eq!(r.status, 200, "{user}: {r:?}");
+            reached += 1;
+            let seen = &srv.wait_http(reached)[reached - 1];
+            assert_eq!(seen.headers.get("x-user").map(String::as_str), Some(user));
+            assert_eq!(seen.headers.get("authorization"), None);
+        }
+    }
+    // The user is the subject rules see.
+    assert_eq!(
+        get(&node, to, "/admin", &[basic("alice", "wonderland")]).status,
+        403
+    );
+    assert_eq!(
+        get(&node, to, "/admin", &[basic("bob", "builder")]).status,
+        200
+    );
+    reached += 1;
+
+    let challenge = "Basic realm=\"shop\", charset=\"UTF-8\"";
+    for (what, headers) in [
+        ("a wrong password", vec![basic("alice", "looking-glass")]),
+        ("an unknown user", vec![basic("mallory", "wonderland")]),
+        ("no credentials", vec![]),
+    ] {
+        let r = get(&node, to, "/shop", &headers);
+        assert_eq!(
+            (r.status, r.challenge.as_str()),
+            (401, challenge),
+            "{what}: {r:?}"
+        );
+    }
+    assert_eq!(
+        srv.wait_http(reached).len(),
+        reached,
+        "a refused request reached the app"
+    );
+
+    // A weak hash is refused on reload, and the users in force keep working.
+    std::fs::write(&file, "alice:$apr1$abcdefgh$0123456789abcdefghijkl\n").unwrap();
+    let rejected = agent.wait_for(
+        "the rejected credentials file",
+        |e| {
+            e["message"]
+                == "credentials file reload rejected; the previous users keep authenticating"
+        },
+        WAIT,
+    );
+    assert!(
+        rejected["error"]
+            .as_str()
+            .is_some_and(|m| m.contains(":1: user `alice`: only bcrypt")),
+        "{rejected}"
+    );
+    assert_eq!(
+        get(&node, to, "/shop", &[basic("bob", "builder")]).status,
+        200
+    );
     assert!(agent.stop().success());
 }

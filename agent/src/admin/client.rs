@@ -167,7 +167,22 @@ fn leg(c: &Value) -> String {
         s("src"),
         s("dst")
     ));
-    let tls = if s("tls") == "mtls" {
+    let tls = if s("tls") == "edge_tls" {
+        format!(
+            "edge TLS (ALPN {}), client certificate {}, handshake {} ms",
+            if s("alpn").is_empty() {
+                "none".into()
+            } else {
+                s("alpn")
+            },
+            if s("client_cert").is_empty() {
+                "none".into()
+            } else {
+                s("client_cert")
+            },
+            c["handshake_ms"]
+        )
+    } else if s("tls") == "mtls" {
         format!(
             "mutual TLS; peer {} (certificate serial {}), handshake {} ms",
             s("peer_identity"),
@@ -191,6 +206,9 @@ fn leg(c: &Value) -> String {
             format!("decided by `{rule}`")
         }
     ));
+    if !s("fault").is_empty() && s("fault") != "-" {
+        out.push(format!("     fault injected: {}", s("fault")));
+    }
     out.push(format!("  4. second leg from {}", s("via")));
     let outcome = s("outcome");
     out.push(format!(

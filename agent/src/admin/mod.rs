@@ -443,6 +443,20 @@ impl Admin {
                             })
                         })
                         .collect();
+                    v["authn"] = json!(pod.authn.as_ref().map(|a| json!({
+                        "ports": a.ports,
+                        "subject_header": a.subject_header.as_ref().map(|h| h.as_str()),
+                        "jwt": a.issuers.iter().map(|i| json!({
+                            "issuer": i.issuer,
+                            "audiences": i.audiences,
+                            "keys": i.jwks.current().len(),
+                            "jwks": i.jwks.source().path,
+                        })).collect::<Vec<_>>(),
+                        "basic": a.basic.as_ref().map(|b| json!({
+                            "realm": b.realm,
+                            "users": b.htpasswd.current().len(),
+                        })),
+                    })));
                 }
                 v
             })

@@ -19,7 +19,7 @@ use jsonwebtoken::{
 };
 use tracing::info;
 
-use super::claims::Claims;
+use super::{claims::Claims, Rejection};
 use crate::{
     store::{Source, Store},
     types::PodName,
@@ -39,38 +39,6 @@ pub enum JwksError {
     },
     #[error("JWKS {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
-}
-
-/// Why a token was refused: the `error_description` of the 401 and the counter's name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    Missing,
-    Malformed,
-    UnknownIssuer,
-    UnknownKey,
-    WrongAlgorithm,
-    BadSignature,
-    Expired,
-    NotYetValid,
-    WrongAudience,
-    MissingClaim,
-}
-
-impl Rejection {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Rejection::Missing => "missing",
-            Rejection::Malformed => "malformed",
-            Rejection::UnknownIssuer => "unknown_issuer",
-            Rejection::UnknownKey => "unknown_key",
-            Rejection::WrongAlgorithm => "wrong_algorithm",
-            Rejection::BadSignature => "bad_signature",
-            Rejection::Expired => "expired",
-            Rejection::NotYetValid => "not_yet_valid",
-            Rejection::WrongAudience => "wrong_audience",
-            Rejection::MissingClaim => "missing_claim",
-        }
-    }
 }
 
 /// One key of a set: what it verifies and with which algorithm.

@@ -153,9 +153,11 @@ pub fn run(cmd: PolicyCmd) -> (String, u8) {
             }
             let allowed = d.verdict == Verdict::Allow;
             let audit = if d.audit_denied {
-                " (audit mode: would be DENIED)"
+                " (audit mode: would be DENIED)".to_string()
+            } else if let Some(f) = d.fault {
+                format!(" with a fault injected: {f}")
             } else {
-                ""
+                String::new()
             };
             (
                 format!(

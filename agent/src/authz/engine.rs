@@ -46,13 +46,47 @@ pub enum Verdict {
     InspectHttp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub verdict: Verdict,
     /// The deciding rule's name, or `default deny|authenticated|all`.
     pub rule: String,
     /// The policy is in audit mode and this would have been denied.
     pub audit_denied: bool,
+    /// The allowing rule's fault, to inject when it fires.
+    pub fault: Option<Fault>,
+}
+
+/// A fault a rule injects into part of what it allows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fault {
+    pub delay: std::time::Duration,
+    pub abort_status: Option<u16>,
+    pub reset: bool,
+    pub percent: f64,
+}
+
+impl Fault {
+    /// Whether this request or connection gets the fault.
+    pub fn fires(&self) -> bool {
+        self.percent >= 100.0 || fastrand::f64() * 100.0 < self.percent
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.delay.is_zero() {
+            parts.push(format!("delay {} ms", self.delay.as_millis()));
+        }
+        if let Some(s) = self.abort_status {
+            parts.push(format!("abort {s}"));
+        }
+        if self.reset {
+            parts.push("reset".to_string());
+        }
+        write!(f, "{} for {}%", parts.join(", "), self.percent)
+    }
 }
 
 struct Http {
@@ -81,6 +115,7 @@ struct Rule {
     client_cert: Option<ClientCertFile>,
     claims: Vec<(String, Vec<String>)>,
     http: Option<Http>,
+    fault: Option<Fault>,
 }
 
 impl Rule {
@@ -204,6 +239,12 @@ impl Policy {
                 ports: r.to.ports,
                 client_cert: r.from.client_cert,
                 claims: r.from.claims.into_iter().collect(),
+                fault: r.fault.map(|f| Fault {
+                    delay: std::time::Duration::from_millis(f.delay_ms),
+                    abort_status: f.abort_status,
+                    reset: f.reset,
+                    percent: f.percent,
+                }),
                 http: r.http.map(|h: HttpFile| Http {
                     methods: h.methods,
                     paths: h.paths,
@@ -283,10 +324,11 @@ impl Policy {
                 verdict: Verdict::InspectHttp,
                 rule: String::new(),
                 audit_denied: false,
+                fault: None,
             };
         }
         if allow != u32::MAX {
-            return self.finish(Verdict::Allow, self.rules[allow as usize].name.clone());
+            return self.allowed_by(allow);
         }
         self.default_decision(c, trust_domain)
     }
@@ -332,7 +374,7 @@ impl Policy {
             return self.finish(Verdict::Deny, self.rules[deny as usize].name.clone());
         }
         if allow != u32::MAX {
-            return self.finish(Verdict::Allow, self.rules[allow as usize].name.clone());
+            return self.allowed_by(allow);
         }
         self.default_decision(c, trust_domain)
     }
@@ -363,12 +405,23 @@ impl Policy {
                 verdict: Verdict::Allow,
                 rule,
                 audit_denied: true,
+                fault: None,
             };
         }
         Decision {
             verdict,
             rule,
             audit_denied: false,
+            fault: None,
+        }
+    }
+
+    /// Allowed by rule `i`, with its fault.
+    fn allowed_by(&self, i: u32) -> Decision {
+        let r = &self.rules[i as usize];
+        Decision {
+            fault: r.fault,
+            ..self.finish(Verdict::Allow, r.name.clone())
         }
     }
 }

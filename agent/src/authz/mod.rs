@@ -6,7 +6,7 @@ pub mod cli;
 mod engine;
 mod policy;
 
-pub use engine::{Conn, Decision, Policy, Request, Verdict};
+pub use engine::{Conn, Decision, Fault, Policy, Request, Verdict};
 pub use policy::{DefaultAction, PolicyError, PolicyFile};
 
 use std::path::{Path, PathBuf};
@@ -60,11 +60,13 @@ impl Source for PolicySource {
 pub type PolicyStore = Store<PolicySource>;
 
 /// An allowed connection or request, naming the rule that allowed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Permit {
     pub rule: String,
     /// Audit mode: a rule denied this, and it was let through to be reported.
     pub audit_denied: bool,
+    /// The allowing rule's fault injection, if it has one.
+    pub fault: Option<Fault>,
 }
 
 /// A refused connection or request, naming the rule and the policy that refused it.
@@ -82,7 +84,7 @@ impl std::fmt::Display for Denial {
 }
 
 /// How an allowed inbound connection proceeds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
     /// Decided for the whole connection.
     Connection(Permit),
@@ -120,6 +122,7 @@ fn typed(policy: &Policy, d: Decision) -> Result<Permit, Denial> {
         Verdict::Allow | Verdict::InspectHttp => Ok(Permit {
             rule: d.rule,
             audit_denied: d.audit_denied,
+            fault: d.fault,
         }),
     }
 }
@@ -431,6 +434,59 @@ rules:
         // `*.` covers names below the domain, not the domain itself.
         let apex = cert("O=Partner, CN=x", &["partner.example"], &[]);
         assert_eq!(decide(Some(&apex)), (Verdict::Deny, "default deny".into()));
+    }
+
+    #[test]
+    fn faults_belong_to_allow_rules_and_come_with_their_decision() {
+        let bad = [
+            (
+                "action: deny\n    fault: { delay_ms: 5 }",
+                "only an allow rule",
+            ),
+            (
+                "action: allow\n    fault: { abort_status: 503 }",
+                "needs an http rule",
+            ),
+            (
+                "action: allow\n    http: { paths: [\"/*\"] }\n    fault: { reset: true }",
+                "reset is for connection rules",
+            ),
+            (
+                "action: allow\n    fault: { percent: 50 }",
+                "it does nothing",
+            ),
+            (
+                "action: allow\n    fault: { reset: true, percent: 150 }",
+                "0 to 100",
+            ),
+        ];
+        for (rule, why) in bad {
+            let text = format!("rules:\n  - name: f\n    {rule}\n");
+            let e = PolicyFile::parse("p.yaml", &text).unwrap_err().to_string();
+            assert!(e.contains(why), "{rule}: {e}");
+        }
+        let p = policy("rules:\n  - name: f\n    action: allow\n    http: { paths: [\"/x\"] }\n    fault: { abort_status: 503, delay_ms: 10, percent: 25 }\n");
+        let none = |_: &str, _: &str| false;
+        let c = Conn {
+            identity: None,
+            src: "10.0.0.1".parse().unwrap(),
+            port: 80,
+            client_cert: None,
+        };
+        let r = Request {
+            method: "GET",
+            path: "/x",
+            has_header: &none,
+            claims: None,
+        };
+        let fault = p.decide_http(&c, &r, TD).fault.expect("the rule's fault");
+        assert_eq!(fault.to_string(), "delay 10 ms, abort 503 for 25%");
+        let other = Request { path: "/y", ..r };
+        assert_eq!(
+            p.decide_http(&c, &other, TD).fault,
+            None,
+            "a default decision has no fault"
+        );
     }
 
     #[test]

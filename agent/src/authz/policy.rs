@@ -85,6 +85,29 @@ pub struct RuleFile {
     #[serde(default)]
     pub to: ToFile,
     pub http: Option<HttpFile>,
+    /// A fault injected into what this (allow) rule lets through, to rehearse failure.
+    pub fault: Option<FaultFile>,
+}
+
+/// `fault: { delay_ms, abort_status, percent }` on an HTTP rule, `fault: { reset, percent,
+/// delay_ms }` on a connection rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultFile {
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// HTTP rules: answer with this status instead of forwarding.
+    pub abort_status: Option<u16>,
+    /// Connection rules: reset the connection instead of forwarding.
+    #[serde(default)]
+    pub reset: bool,
+    /// How many of the requests (or connections) get it, 0-100.
+    #[serde(default = "all_of_them")]
+    pub percent: f64,
+}
+
+fn all_of_them() -> f64 {
+    100.0
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -388,6 +411,37 @@ impl PolicyFile {
                         "rules[{i}]: a rule needs a name (decisions are reported by name)"
                     ),
                 });
+            }
+            if let Some(f) = &r.fault {
+                let bad = |why: &str| PolicyError::Semantic {
+                    path: path.to_string(),
+                    reason: format!("rules[{i}] `{}`: fault: {why}", r.name),
+                };
+                if r.action != Action::Allow {
+                    return Err(bad(
+                        "only an allow rule can inject a fault (a deny already refuses)",
+                    ));
+                }
+                if !(0.0..=100.0).contains(&f.percent) {
+                    return Err(bad("percent is 0 to 100"));
+                }
+                match (r.http.is_some(), f.abort_status, f.reset) {
+                    (_, Some(s), _) if !(200..=599).contains(&s) => {
+                        return Err(bad("abort_status is an HTTP status, 200-599"))
+                    }
+                    (false, Some(_), _) => return Err(bad(
+                        "abort_status needs an http rule; a connection rule resets (reset: true)",
+                    )),
+                    (true, _, true) => {
+                        return Err(bad(
+                            "reset is for connection rules; an http rule aborts with abort_status",
+                        ))
+                    }
+                    (_, None, false) if f.delay_ms == 0 => {
+                        return Err(bad("it does nothing: give delay_ms, abort_status or reset"))
+                    }
+                    _ => {}
+                }
             }
             if !names.insert(r.name.as_str()) {
                 return Err(PolicyError::Semantic {

@@ -51,6 +51,8 @@ struct Ctx {
     denied: AtomicU64,
     /// Requests answered 401 (no valid bearer token).
     unauthenticated: AtomicU64,
+    /// Requests a rule's fault was injected into.
+    faults: AtomicU64,
     /// The first verified token subject, for the connection's access record.
     subject: std::sync::OnceLock<String>,
 }
@@ -96,6 +98,7 @@ where
         requests: AtomicU64::new(0),
         denied: AtomicU64::new(0),
         unauthenticated: AtomicU64::new(0),
+        faults: AtomicU64::new(0),
         subject: std::sync::OnceLock::new(),
     });
     let svc_ctx = ctx.clone();
@@ -112,6 +115,7 @@ where
         requests: ctx.requests.load(Ordering::Relaxed),
         denied: ctx.denied.load(Ordering::Relaxed),
         unauthenticated: ctx.unauthenticated.load(Ordering::Relaxed),
+        faults: ctx.faults.load(Ordering::Relaxed),
         subject: ctx.subject.get().cloned().unwrap_or_default(),
         error,
     }
@@ -184,9 +188,24 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
         .authn
         .as_ref()
         .filter(|a| a.applies_to(ctx.facts.dst.port()));
-    let claims = match authn.map(|a| a.check(req.headers(), crate::authn::now())) {
+    let checked = match authn {
+        Some(a) => Some(a.check(req.headers(), crate::authn::now()).await),
+        None => None,
+    };
+    let claims = match checked {
         None => None,
         Some(Ok(claims)) => Some(claims),
+        Some(Err(crate::authn::Rejection::Busy)) => {
+            metrics.count("basic_auth_busy");
+            metrics.authn(pod.as_str(), "busy");
+            let mut resp = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many password checks at once; retry\n".into(),
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            return Ok(resp);
+        }
         Some(Err(why)) => {
             ctx.unauthenticated.fetch_add(1, Ordering::Relaxed);
             metrics.count(&format!("jwt_rejected_{}", why.as_str()));
@@ -195,15 +214,22 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
                   kind = "http_request", src = %ctx.facts.client, dst = %ctx.facts.dst,
                   method = %req.method(), path = %path, reason = why.as_str(), status = 401,
                   "request unauthenticated");
+            let what = match why {
+                crate::authn::Rejection::BadCredentials => "credentials",
+                _ if authn.is_some_and(|a| a.issuers.is_empty()) => "credentials",
+                _ => "bearer token",
+            };
             let mut resp = text(
                 StatusCode::UNAUTHORIZED,
-                format!("bearer token {}\n", why.as_str().replace('_', " ")),
+                format!("{what} {}\n", why.as_str().replace('_', " ")),
             );
-            let challenge = authn
-                .map(|a| a.challenge(pod.as_str(), why))
-                .unwrap_or_default();
-            if let Ok(v) = http::HeaderValue::from_str(&challenge) {
-                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            for challenge in authn
+                .map(|a| a.challenges(pod.as_str(), why))
+                .unwrap_or_default()
+            {
+                if let Ok(v) = http::HeaderValue::from_str(&challenge) {
+                    resp.headers_mut().append(header::WWW_AUTHENTICATE, v);
+                }
             }
             return Ok(resp);
         }
@@ -243,6 +269,31 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
               rule = %permit.rule, "audit: this request would be denied");
     } else {
         metrics.count(&format!("authz_http_allow:{}", permit.rule));
+    }
+    if let Some(fault) = permit.fault.filter(|f| f.fires()) {
+        // Logged and counted as injected, so a rehearsal is never mistaken for an outage.
+        ctx.faults.fetch_add(1, Ordering::Relaxed);
+        metrics.count(&format!("fault_injected:{}", permit.rule));
+        metrics.conn_update(ctx.facts.id, |c| {
+            c.fault = format!("{fault} (rule `{}`)", permit.rule)
+        });
+        tracing::info!(target: "access", conn = ctx.facts.id, pod = %pod, direction = "inbound",
+              kind = "http_request", src = %ctx.facts.client, dst = %ctx.facts.dst,
+              method = %req.method(), path = %path, policy_rule = %permit.rule,
+              fault = %fault, "fault injected");
+        if !fault.delay.is_zero() {
+            tokio::time::sleep(fault.delay).await;
+        }
+        if let Some(status) = fault.abort_status {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let mut resp = text(
+                status,
+                format!("fault injected by policy rule `{}`\n", permit.rule),
+            );
+            resp.headers_mut()
+                .insert("x-agent-fault", http::HeaderValue::from_static("abort"));
+            return Ok(resp);
+        }
     }
     match forward(&ctx, req, authn, claims.as_deref()).await {
         Ok(resp) => Ok(resp),

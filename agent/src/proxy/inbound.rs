@@ -301,7 +301,7 @@ pub(super) async fn forward<S>(
     pod: &Arc<Pod>,
     shared: &Arc<Shared>,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + super::Reset + Unpin + Send + 'static,
 {
     // Complete mediation: the policy decides before the application sees a byte.
     let policy = pod.policy.current();
@@ -369,6 +369,26 @@ pub(super) async fn forward<S>(
         shared
             .metrics
             .count(&format!("authz_allow:{}", permit.rule));
+    }
+    if let Some(fault) = permit.fault.filter(|f| f.fires()) {
+        shared
+            .metrics
+            .count(&format!("fault_injected:{}", permit.rule));
+        shared.metrics.conn_update(log.id(), |c| {
+            c.fault = format!("{fault} (rule `{}`)", permit.rule)
+        });
+        if !fault.delay.is_zero() {
+            tokio::time::sleep(fault.delay).await;
+        }
+        if fault.reset {
+            client.reset_on_close();
+            drop(client);
+            return log.refused(
+                "fault_injected",
+                "reset",
+                &format!("fault injected by policy rule `{}`: {fault}", permit.rule),
+            );
+        }
     }
     let app = match pod
         .connect(

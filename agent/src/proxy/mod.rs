@@ -369,6 +369,24 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// A client connection, plain or under the agent's TLS, that can be reset.
+pub(crate) trait Reset {
+    /// Makes the close that follows a reset.
+    fn reset_on_close(&self);
+}
+
+impl Reset for TcpStream {
+    fn reset_on_close(&self) {
+        reset(self)
+    }
+}
+
+impl Reset for tokio_rustls::server::TlsStream<TcpStream> {
+    fn reset_on_close(&self) {
+        reset(self.get_ref().0)
+    }
+}
+
 /// The rustls error inside an I/O error from tokio-rustls, as a short reason.
 pub(crate) fn tls_reason(e: &io::Error) -> &'static str {
     e.get_ref()

@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{Admin, ControlError, ControlReply, PodView},
     authn::{
+        basic::{Basic, HtpasswdSource, HtpasswdStore, CONCURRENT_CHECKS},
         jwt::{Issuer, JwksSource, JwksStore},
         Authn,
     },
@@ -606,7 +607,24 @@ impl Node {
                         jwks,
                     });
                 }
+                let basic = match &a.basic {
+                    Some(b) => {
+                        let file =
+                            HtpasswdStore::load(name.clone(), HtpasswdSource(b.htpasswd.clone()))
+                                .map_err(|e| ControlError::Invalid(format!("authn.basic: {e}")))?;
+                        watchers.extend(file.watch().map_err(|e| {
+                            failed(format!("cannot watch the credentials file: {e}"))
+                        })?);
+                        Some(Basic {
+                            realm: b.realm.clone().unwrap_or_else(|| name.to_string()),
+                            htpasswd: file,
+                            checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
+                        })
+                    }
+                    None => None,
+                };
                 Some(Authn {
+                    basic,
                     ports: a.ports.clone(),
                     subject_header: a
                         .subject_header

@@ -47,6 +47,8 @@ pub struct HttpOutcome {
     pub denied: u64,
     /// Answered 401: no valid bearer token.
     pub unauthenticated: u64,
+    /// Requests a rule's fault was injected into.
+    pub faults: u64,
     /// The first verified token subject (`sub`), never the token.
     pub subject: String,
     pub error: Option<String>,
@@ -306,7 +308,7 @@ impl<'a> Access<'a> {
               client_cert = %self.client_cert(), alpn = %self.alpn(),
               detected = self.detected.map_or("", Detected::as_str),
               policy_rule = %self.rule, http_requests = o.requests,
-              http_denied = o.denied, http_unauthenticated = o.unauthenticated, sub = %o.subject,
+              http_denied = o.denied, http_unauthenticated = o.unauthenticated, http_faults = o.faults, sub = %o.subject,
               duration_ms, outcome = result,
               error = %o.error.unwrap_or_default(), "connection closed");
         self.finish(result, "", 0, 0);

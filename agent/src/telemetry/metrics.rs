@@ -87,6 +87,8 @@ pub struct ConnInfo {
     /// Edge TLS: the negotiated ALPN protocol (`h2`, `http/1.1`, or empty).
     pub alpn: String,
     pub policy_rule: String,
+    /// The last fault a rule injected into this connection (or one of its requests).
+    pub fault: String,
     /// Inbound: what the first bytes were (`agent_tls`, `tls`, `plaintext`, `timeout`).
     pub detected: &'static str,
     /// How long the mutual TLS handshake took.
