@@ -27,6 +27,33 @@ const XFCC: &str = "x-forwarded-client-cert";
 const FORGED: &str =
     "x-forwarded-client-cert: By=spiffe://evil;URI=spiffe://td.test/ns/default/sa/admin";
 
+/// Pod `b`'s certificates: its SVID from the mesh CA, and a web CA (not the mesh's) that
+/// signs the edge certificates clients see for `b.example.test`.
+struct Certs {
+    mesh: DevCa,
+    svid_b: Svid,
+    web: OpensslCa,
+}
+
+impl Certs {
+    fn new(node: &Node) -> Self {
+        let mesh = DevCa::new(&node.tmp().join("mesh-ca"));
+        let svid_b = mesh.issue(&format!("{TD}/b"), &node.tmp().join("b"), false);
+        let web = OpensslCa::new(&node.tmp().join("web-ca"));
+        Self { mesh, svid_b, web }
+    }
+
+    /// An edge certificate for `b.example.test`, named `name` in the web CA's directory.
+    fn edge_cert(&self, name: &str) -> WebCert {
+        self.web.issue_web(
+            name,
+            "/O=Example/CN=b.example.test",
+            &format!("DNS:{HOST}"),
+            false,
+        )
+    }
+}
+
 fn write_policy(node: &Node, yaml: &str) -> PathBuf {
     let path = node.tmp().join("b-policy.yaml");
     std::fs::write(&path, yaml).unwrap();
@@ -184,16 +211,12 @@ fn edge_tls_serves_clients_outside_the_mesh_and_mesh_agents_on_the_same_port() {
         return;
     };
     let (a, b) = (node.pod("a"), node.pod("b"));
-    let mesh = DevCa::new(&node.tmp().join("mesh-ca"));
-    let sa = mesh.issue(&format!("{TD}/a"), &node.tmp().join("a"), false);
-    let sb = mesh.issue(&format!("{TD}/b"), &node.tmp().join("b"), false);
-    let web = OpensslCa::new(&node.tmp().join("web-ca"));
-    let server = web.issue_web(
-        "b-edge",
-        "/O=Example/CN=b.example.test",
-        &format!("DNS:{HOST}"),
-        false,
-    );
+    let certs = Certs::new(&node);
+    let (sb, web) = (&certs.svid_b, &certs.web);
+    let sa = certs
+        .mesh
+        .issue(&format!("{TD}/a"), &node.tmp().join("a"), false);
+    let server = certs.edge_cert("b-edge");
     let srv = b.serve_http(&[8443]);
     let policy = write_policy(&node, EDGE_POLICY);
     let cfg = AgentConfig::new(&node)
@@ -202,11 +225,7 @@ fn edge_tls_serves_clients_outside_the_mesh_and_mesh_agents_on_the_same_port() {
         .pod_table(
             b,
             "open",
-            pod_b(
-                &sb,
-                &policy,
-                vec![edge_table(&[8443], &server, None, false)],
-            ),
+            pod_b(sb, &policy, vec![edge_table(&[8443], &server, None, false)]),
         );
     let mut agent = Agent::start(&cfg);
 
@@ -358,15 +377,9 @@ fn edge_client_certificates_are_required_and_verified_against_their_own_ca() {
         return;
     };
     let b = node.pod("b");
-    let mesh = DevCa::new(&node.tmp().join("mesh-ca"));
-    let sb = mesh.issue(&format!("{TD}/b"), &node.tmp().join("b"), false);
-    let web = OpensslCa::new(&node.tmp().join("web-ca"));
-    let server = web.issue_web(
-        "b-edge",
-        "/O=Example/CN=b.example.test",
-        &format!("DNS:{HOST}"),
-        false,
-    );
+    let certs = Certs::new(&node);
+    let (sb, web) = (&certs.svid_b, &certs.web);
+    let server = certs.edge_cert("b-edge");
     let clients = OpensslCa::named(&node.tmp().join("client-ca"), "partner client CA");
     let alice = clients.issue_web(
         "alice",
@@ -385,7 +398,7 @@ fn edge_client_certificates_are_required_and_verified_against_their_own_ca() {
     let srv = b.serve_http(&[8443]);
     let policy = write_policy(&node, CLIENT_CERT_POLICY);
     let edge = edge_table(&[8443], &server, Some(&clients.pem()), false);
-    let cfg = AgentConfig::new(&node).pod_table(b, "open", pod_b(&sb, &policy, vec![edge]));
+    let cfg = AgentConfig::new(&node).pod_table(b, "open", pod_b(sb, &policy, vec![edge]));
     let mut agent = Agent::start(&cfg);
     let with = |cert: &WebCert, path: &str| {
         let (c, k) = (
@@ -463,22 +476,16 @@ fn plaintext_http_on_an_edge_port_is_redirected_or_refused() {
         return;
     };
     let b = node.pod("b");
-    let mesh = DevCa::new(&node.tmp().join("mesh-ca"));
-    let sb = mesh.issue(&format!("{TD}/b"), &node.tmp().join("b"), false);
-    let web = OpensslCa::new(&node.tmp().join("web-ca"));
-    let server = web.issue_web(
-        "b-edge",
-        "/CN=b.example.test",
-        &format!("DNS:{HOST}"),
-        false,
-    );
+    let certs = Certs::new(&node);
+    let (sb, web) = (&certs.svid_b, &certs.web);
+    let server = certs.edge_cert("b-edge");
     let srv = b.serve_http(&[8443, 9443]);
     let policy = write_policy(&node, EDGE_POLICY);
     let edge = vec![
         edge_table(&[8443], &server, None, true),
         edge_table(&[9443], &server, None, false),
     ];
-    let cfg = AgentConfig::new(&node).pod_table(b, "open", pod_b(&sb, &policy, edge));
+    let cfg = AgentConfig::new(&node).pod_table(b, "open", pod_b(sb, &policy, edge));
     let mut agent = Agent::start(&cfg);
 
     for v6 in [false, true] {
@@ -526,16 +533,10 @@ fn the_edge_certificate_reloads_and_a_bad_one_is_rejected() {
         return;
     };
     let b = node.pod("b");
-    let mesh = DevCa::new(&node.tmp().join("mesh-ca"));
-    let sb = mesh.issue(&format!("{TD}/b"), &node.tmp().join("b"), false);
-    let web = OpensslCa::new(&node.tmp().join("web-ca"));
-    let first = web.issue_web("first", "/CN=b.example.test", &format!("DNS:{HOST}"), false);
-    let second = web.issue_web(
-        "second",
-        "/CN=b.example.test",
-        &format!("DNS:{HOST}"),
-        false,
-    );
+    let certs = Certs::new(&node);
+    let (sb, web) = (&certs.svid_b, &certs.web);
+    let first = certs.edge_cert("first");
+    let second = certs.edge_cert("second");
     // cert-manager's Secret layout, given as `dir`.
     let secret = node.tmp().join("b-tls");
     std::fs::create_dir_all(&secret).unwrap();
@@ -553,7 +554,7 @@ fn the_edge_certificate_reloads_and_a_bad_one_is_rejected() {
     let mut edge = toml::Table::new();
     edge.insert("ports".into(), vec![toml::Value::from(8443)].into());
     edge.insert("dir".into(), secret.display().to_string().into());
-    let cfg = AgentConfig::new(&node).pod_table(b, "open", pod_b(&sb, &policy, vec![edge.into()]));
+    let cfg = AgentConfig::new(&node).pod_table(b, "open", pod_b(sb, &policy, vec![edge.into()]));
     let mut agent = Agent::start(&cfg);
     let addr = at(b, false, 8443);
     assert_eq!(served_serial(addr, &web.pem()), first.serial());

@@ -630,12 +630,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| format!("not {what}: {e}"))
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::types::unix_now;
 
 fn control_reply(result: ControlReply) -> Response<Full<Bytes>> {
     match result {

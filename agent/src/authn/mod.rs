@@ -142,10 +142,7 @@ impl Authn {
     }
 }
 
-/// Seconds since the Unix epoch.
+/// Seconds since the Unix epoch, as token times are written.
 pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::types::unix_now().max(0) as u64
 }

@@ -217,11 +217,7 @@ impl Identity {
         let issuer = leaf.issuer().to_string();
         let certified = pem::certified(chain, key, &files.cert, &files.key)?;
         pem::warn_if_key_readable(&files.key);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        if not_after <= now {
+        if not_after <= crate::types::unix_now() {
             warn!(cert = %files.cert.display(), spiffe_id = %spiffe_id, not_after,
                   "the certificate has expired: peers will reject this pod until it is renewed");
         }

@@ -4,17 +4,16 @@
 //! HTTP requests are decided by the pod's policy like any inspected request; plaintext is
 //! refused, or answered with a 308 to https when the listener says `redirect_http`.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 
 use super::{inbound::Presented, Pod, Shared};
 use crate::{
     identity::CertFacts,
     telemetry::access::{Access, Detected, EdgeTls},
     tls::edge::EdgeStore,
-    types::{ClientAddr, Direction, OrigDstAddr},
+    types::{ClientAddr, OrigDstAddr},
 };
 
 /// One `[[pod.edge]]` listener as the proxy serves it.
@@ -66,36 +65,11 @@ pub(super) async fn serve(
         };
         return log.closed_http(outcome);
     }
-    let permit = match shared.admit_handshake(pod, Direction::Inbound) {
-        Ok(p) => p,
-        Err(shed) => {
-            super::reset(&client);
-            return log.refused("shed", shed.reason(), &shed);
-        }
-    };
-    let started = Instant::now();
     let config = edge.store.current().server.clone();
-    let accept = tokio::time::timeout(
-        shared.settings.handshake_timeout,
-        TlsAcceptor::from(config).accept(client),
-    )
-    .await;
-    drop(permit);
-    let stream = match accept {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let reason = super::tls_reason(&e);
-            metrics.count(&format!("edge_handshake_failed_{reason}"));
-            metrics.handshake_failed("edge", reason);
-            return log.refused("tls_handshake_failed", reason, &e);
-        }
-        Err(_) => {
-            metrics.count("edge_handshake_failed_timeout");
-            metrics.handshake_failed("edge", "timeout");
-            return log.refused("tls_handshake_failed", "timeout", &"handshake timed out");
-        }
+    let Some((stream, started)) = super::accept_tls(shared, pod, log, client, config, "edge").await
+    else {
+        return;
     };
-    metrics.handshake_done("edge", started);
     let session = stream.get_ref().1;
     let client_cert = session
         .peer_certificates()

@@ -13,7 +13,6 @@ use std::{
 
 use agent_common::{AGENT_APP_SRC4, AGENT_APP_SRC6};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use super::{Pod, Shared};
@@ -161,38 +160,18 @@ pub(super) async fn handle(
     };
     match (detected, &pod.tls, pod.mode) {
         (Detected::AgentTls, Some(tls), _) => {
-            let permit = match shared.admit_handshake(&pod, Direction::Inbound) {
-                Ok(p) => p,
-                Err(shed) => {
-                    super::reset(&client);
-                    return log.refused("shed", shed.reason(), &shed);
-                }
-            };
-            let started = std::time::Instant::now();
-            let accept = tokio::time::timeout(
-                settings.handshake_timeout,
-                TlsAcceptor::from(tls.server.clone()).accept(client),
+            let Some((stream, started)) = super::accept_tls(
+                &shared,
+                &pod,
+                &mut log,
+                client,
+                tls.server.clone(),
+                "inbound",
             )
-            .await;
-            // Only the handshake counts against the limit, not the connection after it.
-            drop(permit);
-            let stream = match accept {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    let reason = super::tls_reason(&e);
-                    shared
-                        .metrics
-                        .count(&format!("inbound_handshake_failed_{reason}"));
-                    shared.metrics.handshake_failed("inbound", reason);
-                    return log.refused("tls_handshake_failed", reason, &e);
-                }
-                Err(_) => {
-                    shared.metrics.count("inbound_handshake_failed_timeout");
-                    shared.metrics.handshake_failed("inbound", "timeout");
-                    return log.refused("tls_handshake_failed", "timeout", &"handshake timed out");
-                }
+            .await
+            else {
+                return;
             };
-            shared.metrics.handshake_done("inbound", started);
             let Some(peer) = PeerIdentity::from_chain(stream.get_ref().1.peer_certificates())
             else {
                 return log.refused(
@@ -202,19 +181,11 @@ pub(super) async fn handle(
                 );
             };
             log.peer(peer.clone(), started.elapsed());
-            // Kept for the HTTP path's x-forwarded-client-cert; parsed only if it is taken.
-            let leaf = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned());
-            let presented = leaf.map_or(Presented::None, Presented::Mesh);
             forward(
                 &mut log,
                 stream,
                 Some(peer),
-                presented,
+                Presented::Mesh,
                 from,
                 dst,
                 &pod,
@@ -279,8 +250,8 @@ pub(super) async fn handle(
 /// The certificate a caller presented, as far as the HTTP path and the policy need it.
 pub(super) enum Presented {
     None,
-    /// A mesh peer's SVID (its leaf, parsed only when a request needs its facts).
-    Mesh(rustls_pki_types::CertificateDer<'static>),
+    /// A mesh peer's SVID, still in the TLS session: read only when a request needs it.
+    Mesh,
     /// An edge client's certificate, if its listener asked for one.
     Edge(Option<CertFacts>),
 }
@@ -301,7 +272,7 @@ pub(super) async fn forward<S>(
     pod: &Arc<Pod>,
     shared: &Arc<Shared>,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + super::Reset + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + super::ClientConn + Unpin + Send + 'static,
 {
     // Complete mediation: the policy decides before the application sees a byte.
     let policy = pod.policy.current();
@@ -334,7 +305,7 @@ pub(super) async fn forward<S>(
             log.per_request();
             let presented = match presented {
                 Presented::None => None,
-                Presented::Mesh(leaf) => CertFacts::of(&leaf),
+                Presented::Mesh => client.peer_leaf().and_then(CertFacts::of),
                 Presented::Edge(cert) => cert,
             };
             let serve = super::http::serve(

@@ -369,22 +369,80 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// A client connection, plain or under the agent's TLS, that can be reset.
-pub(crate) trait Reset {
+/// An accepted client connection, plain or under the agent's TLS.
+pub(crate) trait ClientConn {
     /// Makes the close that follows a reset.
     fn reset_on_close(&self);
+    /// The certificate the client presented in the handshake, if any.
+    fn peer_leaf(&self) -> Option<&[u8]>;
 }
 
-impl Reset for TcpStream {
+impl ClientConn for TcpStream {
     fn reset_on_close(&self) {
         reset(self)
     }
+
+    fn peer_leaf(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
-impl Reset for tokio_rustls::server::TlsStream<TcpStream> {
+impl ClientConn for tokio_rustls::server::TlsStream<TcpStream> {
     fn reset_on_close(&self) {
         reset(self.get_ref().0)
     }
+
+    fn peer_leaf(&self) -> Option<&[u8]> {
+        let leaf = self.get_ref().1.peer_certificates()?.first()?;
+        Some(leaf.as_ref())
+    }
+}
+
+/// A server handshake on `client` with `config`: under the handshake limits (only the
+/// handshake counts against them, not the connection after it) and the handshake timeout.
+/// A failure is counted (`{kind}_handshake_failed_{reason}`, and by `kind` in the
+/// handshake metrics) and ends the record; `None` then. `kind` is `inbound` (mesh) or
+/// `edge`.
+pub(crate) async fn accept_tls(
+    shared: &Shared,
+    pod: &Pod,
+    log: &mut crate::telemetry::access::Access<'_>,
+    client: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    kind: &'static str,
+) -> Option<(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    std::time::Instant,
+)> {
+    let permit = match shared.admit_handshake(pod, Direction::Inbound) {
+        Ok(p) => p,
+        Err(shed) => {
+            reset(&client);
+            log.refused("shed", shed.reason(), &shed);
+            return None;
+        }
+    };
+    let started = std::time::Instant::now();
+    let accept = tokio::time::timeout(
+        shared.settings.handshake_timeout,
+        tokio_rustls::TlsAcceptor::from(config).accept(client),
+    )
+    .await;
+    drop(permit);
+    let (reason, error): (&str, Box<dyn std::fmt::Display>) = match accept {
+        Ok(Ok(stream)) => {
+            shared.metrics.handshake_done(kind, started);
+            return Some((stream, started));
+        }
+        Ok(Err(e)) => (tls_reason(&e), Box::new(e)),
+        Err(_) => ("timeout", Box::new("handshake timed out")),
+    };
+    shared
+        .metrics
+        .count(&format!("{kind}_handshake_failed_{reason}"));
+    shared.metrics.handshake_failed(kind, reason);
+    log.refused("tls_handshake_failed", reason, &error);
+    None
 }
 
 /// The rustls error inside an I/O error from tokio-rustls, as a short reason.

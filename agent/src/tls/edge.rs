@@ -141,11 +141,7 @@ impl Source for EdgeSource {
     }
 
     fn loaded(&self, pod: &PodName, edge: &Edge, previous: Option<&Edge>) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        if edge.not_after <= now {
+        if edge.not_after <= crate::types::unix_now() {
             warn!(pod = %pod, cert = %self.0.cert.display(), not_after = edge.not_after,
                   "the edge certificate has expired: clients will refuse it until it is renewed");
         }
