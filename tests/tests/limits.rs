@@ -7,7 +7,7 @@ mod common;
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::*;
@@ -15,8 +15,8 @@ use simnode::{app::client_result, pki::DevCa, Agent, AgentConfig};
 
 const TD: &str = "spiffe://td.test/ns/default/sa";
 
-/// `agent_connections_shed_total` for one pod and reason, from the metrics page.
-fn shed(agent: &Agent, pod: &str, reason: &str) -> f64 {
+/// The sum of one metric's samples whose labels include `labels`, from the metrics page.
+fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
     let out = agent.cli(&["metrics"]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let scrape = prometheus_parse::Scrape::parse(out.stdout.lines().map(|l| Ok(l.to_string())))
@@ -24,16 +24,43 @@ fn shed(agent: &Agent, pod: &str, reason: &str) -> f64 {
     scrape
         .samples
         .iter()
-        .filter(|s| {
-            s.metric == "agent_connections_shed_total"
-                && s.labels.get("pod") == Some(pod)
-                && s.labels.get("reason") == Some(reason)
-        })
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
         .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
             _ => 0.0,
         })
         .sum()
+}
+
+/// `agent_connections_shed_total` for one pod and reason.
+fn shed(agent: &Agent, pod: &str, reason: &str) -> f64 {
+    metric(
+        agent,
+        "agent_connections_shed_total",
+        &[("pod", pod), ("reason", reason)],
+    )
+}
+
+/// Waits until the agent holds `live` connections and has shed `shed_count` of `pod`'s
+/// for `reason`: a fixed sleep raced the client's start on a slow machine.
+fn wait_for_load(agent: &Agent, pod: &str, reason: &str, live: f64, shed_count: f64) {
+    let deadline = Instant::now() + simnode::time::scaled(Duration::from_secs(10));
+    loop {
+        let (now_live, now_shed) = (
+            metric(agent, "agent_connections_active", &[]),
+            shed(agent, pod, reason),
+        );
+        if (now_live, now_shed) == (live, shed_count) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pod}: {now_live} live and {now_shed} shed ({reason}), not {live} and {shed_count}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -55,7 +82,7 @@ fn a_pod_over_its_connection_limit_is_shed_and_other_pods_are_served() {
         to,
         &["--count", "40", "--concurrency", "40", "--hold-ms", "3000"],
     );
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_for_load(&agent, "a", "pod_connection_limit", 20.0, 20.0);
     // c is served while a is at its limit: 10 fill the node (30), the other 5 are shed.
     let r = c.client(to, &["--count", "15", "--concurrency", "15"]);
     assert_eq!(r.ok, 10, "the other pod was not served: {:?}", r.errors);
