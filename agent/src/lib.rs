@@ -2,7 +2,7 @@
 //! and by benchmarks.
 //!
 //! Layers point one way (see docs/architecture.md): `types` at the bottom; then the
-//! system seams (`cgroup`, `netns`), `crypto`, `store` and `pump`; `identity` → `tls`;
+//! system seams (`cgroup`, `netns`), `crypto`, `store`, `pump` and `ratelimit`; `identity` → `tls`;
 //! `authz`; `ebpf`; `spec` (and `state`); `telemetry`; `proxy`; `admin`; and at the top
 //! `config` and `run`, the only code that reads the configuration. `privilege` stands alone
 //! (the binary calls it once, before the runtime starts).
@@ -28,6 +28,7 @@ pub mod pem;
 pub mod privilege;
 pub mod proxy;
 pub mod pump;
+pub mod ratelimit;
 pub mod run;
 pub mod spec;
 pub mod state;

@@ -219,6 +219,7 @@ impl EnrollArgs {
             accelerate: self.accelerate,
             edge: Vec::new(),
             authn: None,
+            limits: None,
             kubernetes: None,
         }
     }

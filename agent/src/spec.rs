@@ -7,10 +7,14 @@
 //! Checks that look at the filesystem (is this a network namespace? a cgroup v2
 //! directory?) go through [`Probe`], so the validation itself is pure and unit-testable.
 
+mod limits;
+
 use std::{
     fmt,
     path::{Path, PathBuf},
 };
+
+pub use limits::{LimitsRequest, LimitsSpec};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -80,6 +84,9 @@ pub struct PodRequest {
     /// End-user authentication on the pod's HTTP ports (bearer tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authn: Option<AuthnRequest>,
+    /// Rate limits and request size limits for the pod's inbound traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsRequest>,
     /// The Kubernetes pod behind it, when a container runtime's CNI plugin asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<K8sPod>,
@@ -319,6 +326,7 @@ pub struct PodSpec {
     pub accelerate: bool,
     pub edge: Vec<EdgeSpec>,
     pub authn: Option<AuthnSpec>,
+    pub limits: Option<LimitsSpec>,
     /// The SO_MARK of upstream sockets (only for `redirect = "iptables"`).
     pub upstream_mark: Option<u32>,
     pub kubernetes: Option<K8sPod>,
@@ -479,6 +487,10 @@ impl PodRequest {
             Some(a) => Some(a.validate(&|f, reason| invalid(&format!("authn.{f}"), reason))?),
             None => None,
         };
+        let limits = match &self.limits {
+            Some(l) => Some(l.validate(&|f, reason| invalid(&format!("limits.{f}"), reason))?),
+            None => None,
+        };
         let sorted = |v: &[u16]| {
             let mut v = v.to_vec();
             v.sort_unstable();
@@ -503,6 +515,7 @@ impl PodRequest {
             accelerate: self.accelerate,
             edge,
             authn,
+            limits,
             upstream_mark: (self.redirect == Redirect::Iptables)
                 .then_some(defaults.upstream_mark)
                 .flatten(),
@@ -588,6 +601,7 @@ impl PodSpec {
         };
         cmp("edge", edge(&self.edge), edge(&other.edge));
         cmp("authn", dbg(&self.authn), dbg(&other.authn));
+        cmp("limits", dbg(&self.limits), dbg(&other.limits));
         let k8s = |k: &Option<K8sPod>| {
             k.as_ref().map_or("(none)".into(), |k| {
                 format!("{k}, sandbox {}", k.container_id)

@@ -174,17 +174,27 @@ impl Pod {
         h2: bool,
         headers: &[&str],
     ) -> crate::http_app::HttpSummary {
+        let mut args: Vec<&str> = headers.iter().flat_map(|h| ["--header", h]).collect();
+        if h2 {
+            args.push("--h2");
+        }
+        self.http_client_args(to, requests, &args)
+    }
+
+    /// [`Pod::http_client`] with `podapp http-client`'s own options (`--interval-ms N`,
+    /// `--body-bytes N`, `--header "k: v"`, `--h2`).
+    pub fn http_client_args(
+        &self,
+        to: SocketAddr,
+        requests: &str,
+        args: &[&str],
+    ) -> crate::http_app::HttpSummary {
         let mut cmd = self.command(workspace_bin("podapp"));
         cmd.arg("http-client")
             .arg("--to")
             .arg(to.to_string())
-            .args(["--requests", requests]);
-        for h in headers {
-            cmd.args(["--header", h]);
-        }
-        if h2 {
-            cmd.arg("--h2");
-        }
+            .args(["--requests", requests])
+            .args(args);
         let out = cmd.output().expect("run podapp http-client");
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(

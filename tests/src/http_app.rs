@@ -20,6 +20,9 @@ pub struct SeenRequest {
     /// Every header, by lower-case name (repeated ones joined by `, `).
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
+    /// The length of the body it read.
+    #[serde(default)]
+    pub body_bytes: usize,
 }
 
 /// The client's report.
@@ -27,7 +30,26 @@ pub struct SeenRequest {
 pub struct HttpSummary {
     pub statuses: Vec<u16>,
     pub bodies: Vec<String>,
+    /// Each response's `Retry-After` ("" without one).
+    #[serde(default)]
+    pub retry_after: Vec<String>,
+    /// From the first request sent to the last response read.
+    #[serde(default)]
+    pub elapsed_ms: u64,
     pub error: Option<String>,
+}
+
+/// How `client` sends its requests.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    pub h2: bool,
+    /// Added to every request ("name", "value").
+    pub headers: Vec<(String, String)>,
+    /// One request started every this long (a steady offered rate), instead of each as
+    /// soon as the last one is answered.
+    pub interval: Option<std::time::Duration>,
+    /// The body's length (default: the 12 bytes `request body`).
+    pub body_bytes: Option<usize>,
 }
 
 pub async fn serve(addrs: Vec<SocketAddr>) {
@@ -52,12 +74,22 @@ pub async fn serve(addrs: Vec<SocketAddr>) {
                                     .and_modify(|v| *v = format!("{v}, {value}"))
                                     .or_insert_with(|| value.into_owned());
                             }
+                            let (parts, body) = req.into_parts();
+                            // Read whole before it is recorded and answered: a request whose
+                            // body did not arrive complete is not one the app saw.
+                            let Ok(body) = body.collect().await else {
+                                return Ok(Response::builder()
+                                    .status(400)
+                                    .body(Full::new(Bytes::from_static(b"incomplete body\n")))
+                                    .expect("a static response"));
+                            };
                             let seen = SeenRequest {
-                                method: req.method().to_string(),
-                                path: req.uri().path().to_string(),
-                                version: format!("{:?}", req.version()),
+                                method: parts.method.to_string(),
+                                path: parts.uri.path().to_string(),
+                                version: format!("{:?}", parts.version),
                                 peer: peer.to_string(),
                                 headers,
+                                body_bytes: body.to_bytes().len(),
                             };
                             println!("{}", serde_json::to_string(&seen).unwrap_or_default());
                             let body = format!("hello {} {}\n", seen.method, seen.path);
@@ -80,23 +112,35 @@ pub async fn serve(addrs: Vec<SocketAddr>) {
 pub async fn client(
     to: SocketAddr,
     requests: &[(String, String)],
-    h2: bool,
-    headers: &[(String, String)],
+    o: &ClientOptions,
 ) -> HttpSummary {
     let mut out = HttpSummary::default();
-    if let Err(e) = run(to, requests, h2, headers, &mut out).await {
+    let start = std::time::Instant::now();
+    if let Err(e) = run(to, requests, o, &mut out).await {
         out.error = Some(e.to_string());
     }
+    out.elapsed_ms = start.elapsed().as_millis() as u64;
     out
 }
 
 async fn run(
     to: SocketAddr,
     requests: &[(String, String)],
-    h2: bool,
-    headers: &[(String, String)],
+    o: &ClientOptions,
     out: &mut HttpSummary,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (h2, headers) = (o.h2, &o.headers);
+    let body = match o.body_bytes {
+        Some(n) => Bytes::from(vec![b'x'; n]),
+        None => Bytes::from_static(b"request body"),
+    };
+    let mut pace = o.interval.map(|every| {
+        let mut t = tokio::time::interval(every);
+        // Behind schedule (a slow answer), the next request goes when it can, not in a
+        // catch-up burst.
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     let tcp = tokio::net::TcpStream::connect(to).await?;
     let io = TokioIo::new(tcp);
     enum Sender {
@@ -113,6 +157,9 @@ async fn run(
         Sender::H1(s)
     };
     for (method, path) in requests {
+        if let Some(p) = &mut pace {
+            p.tick().await;
+        }
         let uri = if h2 {
             format!("http://{to}{path}")
         } else {
@@ -125,7 +172,7 @@ async fn run(
         for (k, v) in headers {
             req = req.header(k.as_str(), v.as_str());
         }
-        let req = req.body(Full::new(Bytes::from_static(b"request body")))?;
+        let req = req.body(Full::new(body.clone()))?;
         let resp = match &mut sender {
             Sender::H1(s) => {
                 s.ready().await?;
@@ -137,6 +184,13 @@ async fn run(
             }
         };
         out.statuses.push(resp.status().as_u16());
+        out.retry_after.push(
+            resp.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+        );
         let body = resp.into_body().collect().await?.to_bytes();
         out.bodies.push(String::from_utf8_lossy(&body).into_owned());
     }

@@ -434,11 +434,12 @@ fn slow_headers_are_closed_at_the_header_timeout_and_huge_heads_refused() {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&to, WAIT).expect("connect");
         s.set_read_timeout(Some(WAIT)).unwrap();
-        write!(
+        // The agent answers an oversized head as soon as it has read past the limit and
+        // closes: the rest of our write may then fail (EPIPE), the answer is already here.
+        let _ = write!(
             s,
             "GET /public HTTP/1.1\r\nhost: b\r\nconnection: close\r\n{extra}\r\n"
-        )
-        .unwrap();
+        );
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out

@@ -15,25 +15,6 @@ use simnode::{app::client_result, pki::DevCa, Agent, AgentConfig};
 
 const TD: &str = "spiffe://td.test/ns/default/sa";
 
-/// The sum of one metric's samples whose labels include `labels`, from the metrics page.
-fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let out = agent.cli(&["metrics"]);
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
-    let scrape = prometheus_parse::Scrape::parse(out.stdout.lines().map(|l| Ok(l.to_string())))
-        .unwrap_or_else(|e| panic!("not Prometheus text: {e}"));
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
-}
-
 /// `agent_connections_shed_total` for one pod and reason.
 fn shed(agent: &Agent, pod: &str, reason: &str) -> f64 {
     metric(

@@ -457,6 +457,22 @@ impl Admin {
                             "users": b.htpasswd.current().len(),
                         })),
                     })));
+                    let limits = &pod.caller_limits;
+                    let limiter = |l: Option<&crate::ratelimit::Limiter>| {
+                        l.map(|l| {
+                            json!({
+                                "limit": l.spec().to_string(),
+                                "keys": l.keys(),
+                                "evicted": l.evicted(),
+                            })
+                        })
+                    };
+                    v["limits"] = json!({
+                        "connections": limiter(limits.connections.as_ref()),
+                        "requests": limiter(limits.requests.as_ref()),
+                        "max_request_headers": limits.max_request_headers,
+                        "max_request_bytes": limits.max_request_bytes,
+                    });
                 }
                 v
             })

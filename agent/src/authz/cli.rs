@@ -152,13 +152,16 @@ pub fn run(cmd: PolicyCmd) -> (String, u8) {
                 level = "request";
             }
             let allowed = d.verdict == Verdict::Allow;
-            let audit = if d.audit_denied {
+            let mut audit = if d.audit_denied {
                 " (audit mode: would be DENIED)".to_string()
             } else if let Some(f) = d.fault {
                 format!(" with a fault injected: {f}")
             } else {
                 String::new()
             };
+            if let Some(l) = &d.rate_limit {
+                audit.push_str(&format!(", rate limited to {}", l.0.spec()));
+            }
             (
                 format!(
                     "{} {level} by `{}`{audit} (policy {})",

@@ -7,13 +7,13 @@
 //! condition. Within the candidates, deny wins over allow; among rules of one action the
 //! first in the file names the decision.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use super::policy::{
     Action, Cidr, ClientCertFile, DefaultAction, HttpFile, IdPattern, PathPattern, PolicyFile,
     PortRange,
 };
-use crate::{authn::Claims, identity::CertFacts};
+use crate::{authn::Claims, identity::CertFacts, ratelimit::Limiter};
 
 /// The connection being decided.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +55,19 @@ pub struct Decision {
     pub audit_denied: bool,
     /// The allowing rule's fault, to inject when it fires.
     pub fault: Option<Fault>,
+    /// The allowing rule's rate limit.
+    pub rate_limit: Option<RuleLimit>,
+}
+
+/// A rule's rate limit: the rule's own buckets, which every decision it makes shares.
+#[derive(Debug, Clone)]
+pub struct RuleLimit(pub Arc<Limiter>);
+
+impl PartialEq for RuleLimit {
+    /// The same buckets, not merely the same numbers.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// A fault a rule injects into part of what it allows.
@@ -116,6 +129,7 @@ struct Rule {
     claims: Vec<(String, Vec<String>)>,
     http: Option<Http>,
     fault: Option<Fault>,
+    rate_limit: Option<RuleLimit>,
 }
 
 impl Rule {
@@ -220,6 +234,12 @@ impl Policy {
         };
         for (i, r) in file.rules.into_iter().enumerate() {
             let i = i as u32;
+            let rate_limit = r.rate_limit.as_ref().map(|l| {
+                let spec = l
+                    .spec(r.per_request())
+                    .expect("checked when the policy was parsed");
+                RuleLimit(Arc::new(Limiter::new(spec)))
+            });
             if r.from.identities.is_empty() && !r.from.unauthenticated {
                 p.any_source.push(i);
             }
@@ -239,6 +259,7 @@ impl Policy {
                 ports: r.to.ports,
                 client_cert: r.from.client_cert,
                 claims: r.from.claims.into_iter().collect(),
+                rate_limit,
                 fault: r.fault.map(|f| Fault {
                     delay: std::time::Duration::from_millis(f.delay_ms),
                     abort_status: f.abort_status,
@@ -325,6 +346,7 @@ impl Policy {
                 rule: String::new(),
                 audit_denied: false,
                 fault: None,
+                rate_limit: None,
             };
         }
         if allow != u32::MAX {
@@ -406,6 +428,7 @@ impl Policy {
                 rule,
                 audit_denied: true,
                 fault: None,
+                rate_limit: None,
             };
         }
         Decision {
@@ -413,6 +436,7 @@ impl Policy {
             rule,
             audit_denied: false,
             fault: None,
+            rate_limit: None,
         }
     }
 
@@ -421,7 +445,25 @@ impl Policy {
         let r = &self.rules[i as usize];
         Decision {
             fault: r.fault,
+            rate_limit: r.rate_limit.clone(),
             ..self.finish(Verdict::Allow, r.name.clone())
+        }
+    }
+
+    /// Every rule's rate limit, by rule name.
+    pub fn rate_limits(&self) -> impl Iterator<Item = (&str, &Arc<Limiter>)> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.rate_limit.as_ref().map(|l| (r.name.as_str(), &l.0)))
+    }
+
+    /// Takes over what `previous`'s limits knew for rules of the same name and limit, so
+    /// that a reload does not hand every caller a full bucket.
+    pub fn adopt_rate_limits(&self, previous: &Policy) {
+        for (name, limiter) in self.rate_limits() {
+            if let Some((_, old)) = previous.rate_limits().find(|(n, _)| *n == name) {
+                limiter.adopt(old);
+            }
         }
     }
 }

@@ -6,7 +6,7 @@ pub mod cli;
 mod engine;
 mod policy;
 
-pub use engine::{Conn, Decision, Fault, Policy, Request, Verdict};
+pub use engine::{Conn, Decision, Fault, Policy, Request, RuleLimit, Verdict};
 pub use policy::{DefaultAction, PolicyError, PolicyFile};
 
 use std::path::{Path, PathBuf};
@@ -46,6 +46,9 @@ impl Source for PolicySource {
         if self.0.is_none() {
             warn!(pod = %pod, "no policy configured: every inbound connection is denied (default deny)");
         }
+        if let Some(previous) = previous {
+            policy.adopt_rate_limits(previous);
+        }
         let what = if previous.is_some() {
             "policy reloaded"
         } else {
@@ -67,6 +70,8 @@ pub struct Permit {
     pub audit_denied: bool,
     /// The allowing rule's fault injection, if it has one.
     pub fault: Option<Fault>,
+    /// The allowing rule's rate limit, if it has one.
+    pub rate_limit: Option<RuleLimit>,
 }
 
 /// A refused connection or request, naming the rule and the policy that refused it.
@@ -123,6 +128,7 @@ fn typed(policy: &Policy, d: Decision) -> Result<Permit, Denial> {
             rule: d.rule,
             audit_denied: d.audit_denied,
             fault: d.fault,
+            rate_limit: d.rate_limit,
         }),
     }
 }
@@ -487,6 +493,49 @@ rules:
             None,
             "a default decision has no fault"
         );
+    }
+
+    #[test]
+    fn rate_limits_fit_their_rule_and_keep_their_buckets_across_decisions() {
+        let bad = [
+            ("action: deny\n    rate_limit: { key: all, per_second: 1 }", "only an allow rule"),
+            ("action: allow\n    rate_limit: { key: all }", "give per_second"),
+            ("action: allow\n    rate_limit: { key: all, per_second: 0 }", "above 0"),
+            ("action: allow\n    rate_limit: { key: jwt_sub, per_second: 1 }", "needs an http rule"),
+            (
+                "action: allow\n    http: { paths: [\"/*\"] }\n    rate_limit: { key: identity, concurrent: 3 }",
+                "concurrent is for connection rules",
+            ),
+            ("action: allow\n    rate_limit: { key: everyone, per_second: 1 }", "unknown variant"),
+        ];
+        for (rule, why) in bad {
+            let text = format!("rules:\n  - name: r\n    {rule}\n");
+            let e = PolicyFile::parse("p.yaml", &text).unwrap_err().to_string();
+            assert!(e.contains(why), "{rule}: {e}");
+        }
+        let text = "rules:\n  - name: r\n    action: allow\n    rate_limit: { key: source_ip, per_second: 1, burst: 1 }\n";
+        let p = policy(text);
+        let c = Conn {
+            identity: None,
+            src: "10.0.0.1".parse().unwrap(),
+            port: 80,
+            client_cert: None,
+        };
+        let limit = |p: &Policy| p.decide_l4(&c, TD).rate_limit.expect("the rule's limit");
+        let caller = crate::ratelimit::Caller {
+            identity: None,
+            ip: c.src,
+            subject: None,
+        };
+        assert!(limit(&p).0.admit(&caller).is_ok());
+        assert!(
+            limit(&p).0.admit(&caller).is_err(),
+            "the second decision shares the first one's bucket"
+        );
+        // A reload of the same limit keeps the empty bucket.
+        let reloaded = policy(text);
+        reloaded.adopt_rate_limits(&p);
+        assert!(limit(&reloaded).0.admit(&caller).is_err());
     }
 
     #[test]

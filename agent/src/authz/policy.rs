@@ -6,6 +6,8 @@ use std::{fmt, net::IpAddr, path::Path, str::FromStr};
 use ipnet::IpNet;
 use serde::{de, Deserialize, Deserializer};
 
+use crate::ratelimit::{KeyClass, LimitSpec, Rate, DEFAULT_MAX_KEYS};
+
 /// What happens to traffic no rule matches.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +89,58 @@ pub struct RuleFile {
     pub http: Option<HttpFile>,
     /// A fault injected into what this (allow) rule lets through, to rehearse failure.
     pub fault: Option<FaultFile>,
+    /// How much of what this (allow) rule lets through one caller may have.
+    pub rate_limit: Option<RateLimitFile>,
+}
+
+/// `rate_limit: { key, per_second, burst, concurrent, max_keys }`: on an HTTP rule,
+/// requests per second per key; on a connection rule, new connections per second and
+/// open connections per key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    pub key: KeyClass,
+    pub per_second: Option<f64>,
+    /// How many may come at once from a full bucket (default: one second's worth).
+    pub burst: Option<u32>,
+    /// Connection rules: how many connections one key may hold open.
+    pub concurrent: Option<u32>,
+    /// How many keys are remembered (the least recently seen are forgotten first).
+    pub max_keys: Option<usize>,
+}
+
+impl RateLimitFile {
+    /// The limit, checked against the rule it is on (`per_request`: an HTTP rule).
+    pub fn spec(&self, per_request: bool) -> Result<LimitSpec, String> {
+        let rate = match self.per_second {
+            Some(r) => Some(Rate::new(r, self.burst)?),
+            None if self.burst.is_some() => return Err("burst needs per_second".into()),
+            None => None,
+        };
+        match (per_request, self.concurrent) {
+            (true, Some(_)) => {
+                return Err(
+                    "concurrent is for connection rules; an http rule limits per_second".into(),
+                )
+            }
+            (_, Some(0)) => return Err("concurrent: 0 would refuse everything".into()),
+            (false, _) if self.key == KeyClass::JwtSub => {
+                return Err("key jwt_sub needs an http rule: a connection carries no token".into())
+            }
+            (_, None) if rate.is_none() => return Err("give per_second (or concurrent)".into()),
+            _ => {}
+        }
+        let max_keys = self.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
+        if max_keys == 0 {
+            return Err("max_keys: 0 remembers no caller".into());
+        }
+        Ok(LimitSpec {
+            key: self.key,
+            rate,
+            concurrent: self.concurrent,
+            max_keys,
+        })
+    }
 }
 
 /// `fault: { delay_ms, abort_status, percent }` on an HTTP rule, `fault: { reset, percent,
@@ -104,6 +158,13 @@ pub struct FaultFile {
     /// How many of the requests (or connections) get it, 0-100.
     #[serde(default = "all_of_them")]
     pub percent: f64,
+}
+
+impl RuleFile {
+    /// Whether the rule is decided per HTTP request.
+    pub fn per_request(&self) -> bool {
+        self.http.is_some() || !self.from.claims.is_empty()
+    }
 }
 
 fn all_of_them() -> f64 {
@@ -442,6 +503,16 @@ impl PolicyFile {
                     }
                     _ => {}
                 }
+            }
+            if let Some(limit) = &r.rate_limit {
+                let bad = |why: String| PolicyError::Semantic {
+                    path: path.to_string(),
+                    reason: format!("rules[{i}] `{}`: rate_limit: {why}", r.name),
+                };
+                if r.action != Action::Allow {
+                    return Err(bad("only an allow rule can be rate limited".into()));
+                }
+                limit.spec(r.per_request()).map_err(bad)?;
             }
             if !names.insert(r.name.as_str()) {
                 return Err(PolicyError::Semantic {

@@ -17,27 +17,35 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode, Version};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
 
-use super::{Pod, Shared};
+use super::{
+    limits::{self, RateLimited, Scope},
+    Pod, Shared,
+};
 use crate::{
     authn::Claims,
     authz::{Caller, Request as AuthzRequest},
     identity::{CertFacts, SpiffeId},
+    ratelimit::{self, KeyClass},
     telemetry::access::HttpOutcome,
     types::{ClientAddr, OrigDstAddr},
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// A request body on its way to the application: as it came, or cut off past the pod's
+/// `max_request_bytes`.
+type UpBody = Either<Incoming, Limited<Incoming>>;
+
 /// The connection to the application, opened on the first allowed request.
 enum Upstream {
-    H1(hyper::client::conn::http1::SendRequest<Incoming>),
-    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+    H1(hyper::client::conn::http1::SendRequest<UpBody>),
+    H2(hyper::client::conn::http2::SendRequest<UpBody>),
 }
 
 struct Ctx {
@@ -53,6 +61,8 @@ struct Ctx {
     unauthenticated: AtomicU64,
     /// Requests a rule's fault was injected into.
     faults: AtomicU64,
+    /// Requests answered 429 by a rate limit.
+    rate_limited: AtomicU64,
     /// The first verified token subject, for the connection's access record.
     subject: std::sync::OnceLock<String>,
 }
@@ -77,6 +87,17 @@ pub struct Facts {
     pub app_src: SocketAddr,
 }
 
+impl Facts {
+    /// The caller as rate limits count it.
+    fn counted<'a>(&'a self, subject: Option<&'a str>) -> ratelimit::Caller<'a> {
+        ratelimit::Caller {
+            identity: self.peer.as_ref().map(SpiffeId::as_str),
+            ip: self.client.ip(),
+            subject,
+        }
+    }
+}
+
 pub async fn serve<S>(io: S, facts: Facts) -> HttpOutcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -99,6 +120,7 @@ where
         denied: AtomicU64::new(0),
         unauthenticated: AtomicU64::new(0),
         faults: AtomicU64::new(0),
+        rate_limited: AtomicU64::new(0),
         subject: std::sync::OnceLock::new(),
     });
     let svc_ctx = ctx.clone();
@@ -116,6 +138,7 @@ where
         denied: ctx.denied.load(Ordering::Relaxed),
         unauthenticated: ctx.unauthenticated.load(Ordering::Relaxed),
         faults: ctx.faults.load(Ordering::Relaxed),
+        rate_limited: ctx.rate_limited.load(Ordering::Relaxed),
         subject: ctx.subject.get().cloned().unwrap_or_default(),
         error,
     }
@@ -181,6 +204,18 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let metrics = &ctx.facts.shared.metrics;
     let pod = &ctx.facts.pod.name;
+    let caller_limits = &ctx.facts.pod.caller_limits;
+    if let Some(resp) = too_large(&ctx, &req, path) {
+        return Ok(resp);
+    }
+    // The pod's own request limit before the cost of authentication, unless it counts
+    // token subjects, which authentication yields.
+    let pod_limit = caller_limits.requests.as_ref();
+    if let Some(l) = pod_limit.filter(|l| l.spec().key != KeyClass::JwtSub) {
+        if let Err(limited) = limits::admit(l, &ctx.facts.counted(None), Scope::Pod, "requests") {
+            return Ok(ctx.too_many(&limited, &req, path));
+        }
+    }
     // End-user authentication first: the policy may decide on the token's claims.
     let authn = ctx
         .facts
@@ -238,6 +273,13 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
     if !sub.is_empty() {
         let _ = ctx.subject.set(sub.to_string());
     }
+    if let Some(l) = pod_limit.filter(|l| l.spec().key == KeyClass::JwtSub) {
+        if let Err(limited) =
+            limits::admit(l, &ctx.facts.counted(Some(sub)), Scope::Pod, "requests")
+        {
+            return Ok(ctx.too_many(&limited, &req, path));
+        }
+    }
     let decision = decide(
         &policy,
         caller,
@@ -270,6 +312,12 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
     } else {
         metrics.count(&format!("authz_http_allow:{}", permit.rule));
     }
+    if let Some(l) = &permit.rate_limit {
+        let rule = Scope::Rule(&permit.rule);
+        if let Err(limited) = limits::admit(&l.0, &ctx.facts.counted(Some(sub)), rule, "requests") {
+            return Ok(ctx.too_many(&limited, &req, path));
+        }
+    }
     if let Some(fault) = permit.fault.filter(|f| f.fires()) {
         // Logged and counted as injected, so a rehearsal is never mistaken for an outage.
         ctx.faults.fetch_add(1, Ordering::Relaxed);
@@ -297,6 +345,18 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
     }
     match forward(&ctx, req, authn, claims.as_deref()).await {
         Ok(resp) => Ok(resp),
+        Err(e) if cut_off(&*e) => {
+            // A body without Content-Length (chunked, or HTTP/2 DATA) ran past the limit
+            // on its way to the application.
+            metrics.count("http_request_too_large");
+            warn!(target: "access", conn = ctx.facts.id, pod = %pod, direction = "inbound",
+                  kind = "http_request", src = %ctx.facts.client, dst = %ctx.facts.dst,
+                  status = 413, "request body over max_request_bytes; cut off");
+            Ok(text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is larger than this service accepts\n".into(),
+            ))
+        }
         Err(e) => {
             warn!(pod = %ctx.facts.pod.name, error = %e, "cannot forward the request to the application");
             Ok(text(
@@ -305,6 +365,73 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>,
             ))
         }
     }
+}
+
+impl Ctx {
+    /// The 429 for a request a rate limit refused: counted, logged, and telling the client
+    /// when to come back.
+    fn too_many<B>(&self, limited: &RateLimited, req: &Request<B>, path: &str) -> Response<Body> {
+        let pod = &self.facts.pod.name;
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        self.facts
+            .shared
+            .metrics
+            .rate_limited(limited.labels(pod.as_str()));
+        warn!(target: "access", conn = self.facts.id, pod = %pod, direction = "inbound",
+              kind = "http_request", src = %self.facts.client, dst = %self.facts.dst,
+              method = %req.method(), path = %path, limit = %limited.limit(),
+              key = limited.spec.key.as_str(), status = 429, "request rate limited");
+        let mut resp = text(StatusCode::TOO_MANY_REQUESTS, format!("{limited}\n"));
+        let h = resp.headers_mut();
+        h.insert(header::RETRY_AFTER, limited.why.retry_after_secs().into());
+        h.insert("x-agent-rate-limited", http::HeaderValue::from_static("1"));
+        resp
+    }
+}
+
+/// The 431 or 413 for a request over the pod's size limits (one whose length is known
+/// up front; a body that is not is cut off on its way, see [`cut_off`]).
+fn too_large<B>(ctx: &Ctx, req: &Request<B>, path: &str) -> Option<Response<Body>> {
+    let limits = &ctx.facts.pod.caller_limits;
+    let headers = req.headers().len();
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let (status, counter, why) = match (limits.max_request_headers, limits.max_request_bytes) {
+        (Some(max), _) if headers > max => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "http_too_many_headers",
+            format!("{headers} header fields; this service accepts {max}"),
+        ),
+        (_, Some(max)) if length.is_some_and(|l| l > max) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "http_request_too_large",
+            format!(
+                "a body of {} bytes; this service accepts {max}",
+                length.unwrap_or(0)
+            ),
+        ),
+        _ => return None,
+    };
+    ctx.facts.shared.metrics.count(counter);
+    warn!(target: "access", conn = ctx.facts.id, pod = %ctx.facts.pod.name,
+          direction = "inbound", kind = "http_request", src = %ctx.facts.client,
+          dst = %ctx.facts.dst, method = %req.method(), path = %path,
+          status = status.as_u16(), reason = %why, "request over the pod's limits");
+    Some(text(status, format!("{why}\n")))
+}
+
+/// Whether forwarding failed because the body ran past `max_request_bytes`.
+fn cut_off(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {
@@ -358,6 +485,13 @@ async fn forward(
             headers.remove(header::AUTHORIZATION);
         }
     }
+    let mut req = req.map(|body| match ctx.facts.pod.caller_limits.max_request_bytes {
+        Some(max) => Either::Right(Limited::new(
+            body,
+            usize::try_from(max).unwrap_or(usize::MAX),
+        )),
+        None => Either::Left(body),
+    });
     let mut upstream = ctx.upstream.lock().await;
     if upstream.is_none() {
         let tcp = ctx

@@ -15,11 +15,15 @@ use agent_common::{AGENT_APP_SRC4, AGENT_APP_SRC6};
 use tokio::net::TcpStream;
 use tracing::warn;
 
-use super::{Pod, Shared};
+use super::{
+    limits::{self, RateLimited, Scope},
+    Pod, Shared,
+};
 use crate::{
     authz::{Caller, Inbound},
     identity::{CertFacts, PeerIdentity},
     pump::pump,
+    ratelimit,
     telemetry::access::{Access, Detected},
     types::{ClientAddr, Direction, Mode, OrigDstAddr},
 };
@@ -274,6 +278,20 @@ pub(super) async fn forward<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + super::ClientConn + Unpin + Send + 'static,
 {
+    // A caller over the pod's own limit is refused before anything else is spent on it.
+    let counted = ratelimit::Caller {
+        identity: peer.as_ref().map(|p| p.id.as_str()),
+        ip: from.ip(),
+        subject: None,
+    };
+    let pod_limit = pod.caller_limits.connections.as_ref();
+    let _pod_slot = match pod_limit
+        .map(|l| limits::admit(l, &counted, Scope::Pod, "connections"))
+        .transpose()
+    {
+        Ok(slot) => slot,
+        Err(limited) => return rate_limited(log, client, pod, shared, &limited),
+    };
     // Complete mediation: the policy decides before the application sees a byte.
     let policy = pod.policy.current();
     let edge_cert = match &presented {
@@ -290,7 +308,8 @@ pub(super) async fn forward<S>(
     let authenticated = pod
         .authn
         .as_ref()
-        .is_some_and(|a| a.forces_inspection(dst.port()));
+        .is_some_and(|a| a.forces_inspection(dst.port()))
+        || pod.caller_limits.forces_inspection(dst.port());
     let permit = match decision {
         Err(denial) => {
             log.denied("inbound", &denial);
@@ -328,6 +347,15 @@ pub(super) async fn forward<S>(
             };
             return log.closed_http(outcome);
         }
+    };
+    let _rule_slot = match permit
+        .rate_limit
+        .as_ref()
+        .map(|l| limits::admit(&l.0, &counted, Scope::Rule(&permit.rule), "connections"))
+        .transpose()
+    {
+        Ok(slot) => slot,
+        Err(limited) => return rate_limited(log, client, pod, shared, &limited),
     };
     log.permitted("inbound", &permit);
     if permit.audit_denied {
@@ -378,4 +406,21 @@ pub(super) async fn forward<S>(
         _ = pod.life.abort.cancelled() => None,
     };
     log.closed(transfer);
+}
+
+/// Refuses a connection a rate limit does not admit: reset, counted and logged with the
+/// limit that refused it.
+fn rate_limited<S: super::ClientConn>(
+    log: &mut Access<'_>,
+    client: S,
+    pod: &Pod,
+    shared: &Shared,
+    limited: &RateLimited,
+) {
+    shared
+        .metrics
+        .rate_limited(limited.labels(pod.name.as_str()));
+    client.reset_on_close();
+    drop(client);
+    log.refused("rate_limited", limited.kind, limited);
 }

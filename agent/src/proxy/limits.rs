@@ -16,6 +16,12 @@ use std::{
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::{
+    ratelimit::{self, Held, LimitSpec, Limited, Limiter},
+    spec::LimitsSpec,
+    telemetry::metrics::RateLimitLabels,
+};
+
 /// The limits, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct LimitSettings {
@@ -79,6 +85,114 @@ impl Limits {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
     }
+}
+
+/// The pod's `[pod.limits]` with their buckets: what one caller may ask of the pod.
+#[derive(Debug, Default)]
+pub struct CallerLimits {
+    /// New inbound connections per second, and open ones, per key.
+    pub connections: Option<Limiter>,
+    /// HTTP requests per second per key.
+    pub requests: Option<Limiter>,
+    /// Ports whose every request is inspected for these limits.
+    ports: Vec<u16>,
+    pub max_request_headers: Option<usize>,
+    pub max_request_bytes: Option<u64>,
+}
+
+impl CallerLimits {
+    pub fn new(spec: Option<&LimitsSpec>) -> Self {
+        let Some(s) = spec else {
+            return Self::default();
+        };
+        Self {
+            connections: s.connections.map(Limiter::new),
+            requests: s.requests.map(Limiter::new),
+            ports: s.ports.clone(),
+            max_request_headers: s.max_request_headers,
+            max_request_bytes: s.max_request_bytes,
+        }
+    }
+
+    /// Whether connections to `port` must be served as HTTP so that these limits see
+    /// every request.
+    pub fn forces_inspection(&self, port: u16) -> bool {
+        self.ports.contains(&port)
+    }
+}
+
+/// Whose limit refused: the pod's own (`[pod.limits]`) or an allow rule's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    Pod,
+    Rule(&'a str),
+}
+
+/// A caller refused by a rate limit, with what an operator and the client need to know.
+#[derive(Debug, Clone)]
+pub struct RateLimited {
+    pub rule: Option<String>,
+    /// What was counted: `requests`, `connections` or `concurrent` (open connections).
+    pub kind: &'static str,
+    pub why: Limited,
+    pub spec: LimitSpec,
+}
+
+impl RateLimited {
+    pub fn labels(&self, pod: &str) -> RateLimitLabels {
+        RateLimitLabels {
+            pod: pod.to_string(),
+            scope: if self.rule.is_some() { "rule" } else { "pod" },
+            rule: self.rule.clone().unwrap_or_default(),
+            kind: self.kind,
+            key: self.spec.key.as_str(),
+        }
+    }
+
+    /// The limit's name for logs: `rule `x`` or `[pod.limits]`.
+    pub fn limit(&self) -> String {
+        match &self.rule {
+            Some(r) => format!("rule `{r}`"),
+            None => "[pod.limits]".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.why {
+            Limited::Concurrent => "too many open connections".to_string(),
+            Limited::Rate { .. } => format!("too many {}", self.kind),
+        };
+        write!(
+            f,
+            "{what}: rate limited by {} ({}); retry in {} s",
+            self.limit(),
+            self.spec,
+            self.why.retry_after_secs()
+        )
+    }
+}
+
+/// Counts `caller` against `limiter` (`counts`: `requests` or `connections`).
+pub fn admit(
+    limiter: &Limiter,
+    caller: &ratelimit::Caller<'_>,
+    scope: Scope<'_>,
+    counts: &'static str,
+) -> Result<Held, RateLimited> {
+    limiter.admit(caller).map_err(|why| RateLimited {
+        rule: match scope {
+            Scope::Pod => None,
+            Scope::Rule(r) => Some(r.to_string()),
+        },
+        kind: match why {
+            Limited::Concurrent => "concurrent",
+            Limited::Rate { .. } => counts,
+        },
+        why,
+        spec: *limiter.spec(),
+    })
 }
 
 /// Why a new connection was shed.

@@ -186,6 +186,8 @@ pub struct Pod {
     pub life: Lifecycle,
     /// The pod's share of [`Settings::limits`].
     pub limits: limits::Limits,
+    /// What one caller may ask of the pod (`[pod.limits]`).
+    pub caller_limits: limits::CallerLimits,
 }
 
 impl Pod {

@@ -34,7 +34,12 @@ use crate::{
     ebpf::{Attach, Kernel, PodEntry, PodLinks},
     identity::{IdentitySource, IdentityStore},
     netns::{Addresses, Netns},
-    proxy::{self, edge::EdgePort, limits::Limits, Lifecycle, Pod, PodTls, Shared},
+    proxy::{
+        self,
+        edge::EdgePort,
+        limits::{CallerLimits, Limits},
+        Lifecycle, Pod, PodTls, Shared,
+    },
     spec::{PodDefaults, PodSpec},
     state::{Origin, Record, StateDir, Status},
     tls::{
@@ -655,6 +660,7 @@ impl Node {
             upstream_mark: spec.upstream_mark,
             life: Lifecycle::default(),
             limits: Limits::for_pod(&self.shared.settings.limits),
+            caller_limits: CallerLimits::new(spec.limits.as_ref()),
         });
         // Listeners exist before any connection can be steered to them. Those a previous
         // agent handed over are used as they are: what is queued in them is not lost.

@@ -49,6 +49,8 @@ pub struct HttpOutcome {
     pub unauthenticated: u64,
     /// Requests a rule's fault was injected into.
     pub faults: u64,
+    /// Requests answered 429 by a rate limit.
+    pub rate_limited: u64,
     /// The first verified token subject (`sub`), never the token.
     pub subject: String,
     pub error: Option<String>,
@@ -308,7 +310,7 @@ impl<'a> Access<'a> {
               client_cert = %self.client_cert(), alpn = %self.alpn(),
               detected = self.detected.map_or("", Detected::as_str),
               policy_rule = %self.rule, http_requests = o.requests,
-              http_denied = o.denied, http_unauthenticated = o.unauthenticated, http_faults = o.faults, sub = %o.subject,
+              http_denied = o.denied, http_unauthenticated = o.unauthenticated, http_faults = o.faults, http_rate_limited = o.rate_limited, sub = %o.subject,
               duration_ms, outcome = result,
               error = %o.error.unwrap_or_default(), "connection closed");
         self.finish(result, "", 0, 0);

@@ -56,6 +56,17 @@ pub struct AuthnLabels {
     pub reason: &'static str,
 }
 
+/// A refusal by a rate limit: the pod's own (`scope="pod"`, `rule=""`) or a rule's, what
+/// it counts (`kind`: requests, connections, concurrent) and by what key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub pod: String,
+    pub scope: &'static str,
+    pub rule: String,
+    pub kind: &'static str,
+    pub key: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
     pub pod: String,
@@ -113,6 +124,7 @@ pub struct Metrics {
     pub authz: Family<AuthzLabels, Counter>,
     pub shed: Family<ShedLabels, Counter>,
     pub authn_rejected: Family<AuthnLabels, Counter>,
+    pub rate_limited: Family<RateLimitLabels, Counter>,
     /// Sharded maps, so connections opening and closing on every core do not queue on one
     /// lock.
     live: DashMap<u64, ConnInfo>,
@@ -177,6 +189,12 @@ impl Metrics {
             "HTTP requests answered 401 because no valid bearer token came, by reason",
             authn_rejected.clone(),
         );
+        let rate_limited = Family::<RateLimitLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests answered 429 and connections refused by a rate limit",
+            rate_limited.clone(),
+        );
         registry.register(
             "connections_shed",
             "New connections refused because a limit was reached, by reason",
@@ -220,6 +238,7 @@ impl Metrics {
             authz,
             shed,
             authn_rejected,
+            rate_limited,
             live: DashMap::new(),
             recent: DashMap::new(),
             closed_seq: AtomicU64::new(0),
@@ -254,6 +273,10 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    pub fn rate_limited(&self, labels: RateLimitLabels) {
+        self.rate_limited.get_or_create(&labels).inc();
     }
 
     pub fn shed(&self, pod: &str, direction: &'static str, reason: &'static str) {

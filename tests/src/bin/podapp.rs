@@ -84,14 +84,18 @@ fn main() {
                 .filter_map(|r| r.trim().split_once(' '))
                 .map(|(m, p)| (m.to_string(), p.to_string()))
                 .collect();
-            let h2 = args.iter().any(|a| a == "--h2");
-            let headers: Vec<(String, String)> = args
-                .windows(2)
-                .filter(|w| w[0] == "--header")
-                .filter_map(|w| w[1].split_once(':'))
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                .collect();
-            let summary = rt.block_on(simnode::http_app::client(to, &requests, h2, &headers));
+            let options = simnode::http_app::ClientOptions {
+                h2: args.iter().any(|a| a == "--h2"),
+                headers: args
+                    .windows(2)
+                    .filter(|w| w[0] == "--header")
+                    .filter_map(|w| w[1].split_once(':'))
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .collect(),
+                interval: arg(&args, "--interval-ms").map(std::time::Duration::from_millis),
+                body_bytes: arg(&args, "--body-bytes"),
+            };
+            let summary = rt.block_on(simnode::http_app::client(to, &requests, &options));
             println!("{}", serde_json::to_string(&summary).unwrap());
         }
         _ => {

@@ -60,6 +60,25 @@ pub fn records_to(agent: &Agent, dst: SocketAddr) -> usize {
         .count()
 }
 
+/// The sum of one metric's samples whose labels include `labels`, from `agent metrics`.
+pub fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let out = agent.cli(&["metrics"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let scrape = prometheus_parse::Scrape::parse(out.stdout.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("not Prometheus text: {e}"));
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
 /// The "kernel counters" line the agent logs when it stops.
 pub fn counter(agent: &Agent, name: &str) -> u64 {
     let e = agent.wait_for(
