@@ -117,6 +117,9 @@ pub fn run(cmd: CaCmd) -> Result<String, CaError> {
                 vec![SanType::URI(id.as_str().try_into().map_err(|_| {
                     CaError::Invalid(format!("`{id}` is not an IA5 URI"))
                 })?)];
+            // The X.509-SVID spec: a leaf carries basicConstraints with cA false; the
+            // spiffe crate (like go-spiffe) refuses an SVID without it.
+            p.is_ca = IsCa::ExplicitNoCa;
             p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             p.extended_key_usages = vec![
                 ExtendedKeyUsagePurpose::ServerAuth,

@@ -151,6 +151,12 @@ struct EnrollArgs {
     /// or svid.pem/svid_key.pem/svid_bundle.pem).
     #[arg(long)]
     identity_dir: Option<PathBuf>,
+    /// The SPIFFE Workload API that hands out the pod's SVID (unix:///run/spire/agent.sock).
+    #[arg(long)]
+    spiffe_socket: Option<String>,
+    /// Which SVID to take when the Workload API offers several.
+    #[arg(long, requires = "spiffe_socket")]
+    spiffe_id: Option<String>,
     #[arg(long)]
     cert: Option<PathBuf>,
     #[arg(long)]
@@ -214,6 +220,8 @@ impl EnrollArgs {
             key: opt(&self.key),
             bundle: opt(&self.bundle),
             identity_dir: opt(&self.identity_dir),
+            spiffe_socket: self.spiffe_socket.clone(),
+            spiffe_id: self.spiffe_id.clone(),
             policy: opt(&self.policy),
             redirect: self.redirect,
             accelerate: self.accelerate,

@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    identity::IdentityFiles,
+    identity::{IdentityFiles, SpiffeId, WorkloadApi},
     k8s::K8sPod,
     types::{parse_cidr, FailMode, Mode, PodName, Redirect, UdpOutbound},
 };
@@ -65,9 +65,16 @@ pub struct PodRequest {
     pub key: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<PathBuf>,
-    /// ...or a directory holding them in a known layout (see `IdentityFiles::in_dir`).
+    /// ...or a directory holding them in a known layout (see `IdentityFiles::in_dir`)...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_dir: Option<PathBuf>,
+    /// ...or the SPIFFE Workload API that hands out the pod's SVID
+    /// (`unix:///run/spire/agent.sock`), streamed and rotated as SPIRE issues them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_socket: Option<String>,
+    /// Which of the SVIDs the Workload API offers (default: its first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
     /// The pod's authorization policy (YAML); without one the node's default applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PathBuf>,
@@ -320,6 +327,8 @@ pub struct PodSpec {
     pub udp_outbound: UdpOutbound,
     pub mode: Mode,
     pub identity: Option<IdentityFiles>,
+    /// The pod's identity from the SPIFFE Workload API instead of files.
+    pub workload_api: Option<WorkloadApi>,
     /// The pod's own policy, else the node's default policy, else none (deny all).
     pub policy: Option<PathBuf>,
     pub redirect: Redirect,
@@ -333,6 +342,27 @@ pub struct PodSpec {
     /// The request this was validated from, as a restarted agent re-reads it.
     #[serde(skip)]
     pub request: PodRequest,
+}
+
+/// A Workload API address as the `spiffe` client takes it: `unix:` with an absolute path,
+/// or `tcp:` with an address; a bare absolute path is taken as a unix socket.
+fn workload_api_endpoint(s: &str) -> Result<String, String> {
+    if s.starts_with('/') {
+        return Ok(format!("unix://{s}"));
+    }
+    let path = s
+        .strip_prefix("unix://")
+        .or_else(|| s.strip_prefix("unix:"));
+    match path {
+        Some(p) if p.starts_with('/') && p.len() > 1 => Ok(s.to_string()),
+        Some(_) => Err(format!(
+            "`{s}`: a unix socket needs an absolute path (unix:///run/spire/agent.sock)"
+        )),
+        None if s.starts_with("tcp:") => Ok(s.to_string()),
+        None => Err(format!(
+            "`{s}` is not a Workload API address: unix:///path/to/agent.sock or tcp://host:port"
+        )),
+    }
 }
 
 /// A request the agent refuses: the field (as the config file names it) and why.
@@ -427,10 +457,34 @@ impl PodRequest {
                 })
             }
         };
-        if self.mode == Mode::Strict && identity.is_none() {
+        let workload_api = match (&self.spiffe_socket, &self.spiffe_id) {
+            (Some(_), _) if identity.is_some() => {
+                return Err(invalid(
+                    "spiffe_socket",
+                    "give the identity's files or its Workload API socket, not both".into(),
+                ))
+            }
+            (Some(endpoint), spiffe_id) => Some(WorkloadApi {
+                endpoint: workload_api_endpoint(endpoint)
+                    .map_err(|r| invalid("spiffe_socket", r))?,
+                spiffe_id: spiffe_id
+                    .as_deref()
+                    .map(SpiffeId::parse)
+                    .transpose()
+                    .map_err(|r| invalid("spiffe_id", r))?,
+            }),
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "spiffe_id",
+                    "chooses among the SVIDs of spiffe_socket, which is not set".into(),
+                ))
+            }
+            (None, None) => None,
+        };
+        if self.mode == Mode::Strict && identity.is_none() && workload_api.is_none() {
             return Err(invalid(
                 "mode",
-                "strict needs an identity: set cert, key and bundle (or identity_dir)".into(),
+                "strict needs an identity: set cert, key and bundle (or identity_dir, or spiffe_socket)".into(),
             ));
         }
         if self.accelerate && self.redirect == Redirect::Iptables {
@@ -510,6 +564,7 @@ impl PodRequest {
             udp_outbound,
             mode: self.mode,
             identity,
+            workload_api,
             policy: self.policy.clone().or_else(|| defaults.policy.clone()),
             redirect: self.redirect,
             accelerate: self.accelerate,
@@ -576,6 +631,11 @@ impl PodSpec {
             })
         };
         cmp("identity", id(&self.identity), id(&other.identity));
+        cmp(
+            "workload_api",
+            dbg(&self.workload_api),
+            dbg(&other.workload_api),
+        );
         cmp("policy", opt(&self.policy), opt(&other.policy));
         cmp("redirect", dbg(&self.redirect), dbg(&other.redirect));
         cmp(
@@ -764,6 +824,36 @@ pub(crate) mod tests {
         assert_eq!(spec.identity.unwrap().key, PathBuf::from("/ids/a/key.pem"));
         r.cert = Some("/c".into());
         assert!(check(&r).unwrap_err().reason.contains("not both"));
+    }
+
+    #[test]
+    fn an_identity_from_the_workload_api() {
+        let mut r = request("a");
+        r.mode = Mode::Strict;
+        r.spiffe_socket = Some("/run/spire/agent.sock".into());
+        r.spiffe_id = Some("spiffe://td/a".into());
+        let api = check(&r).unwrap().workload_api.unwrap();
+        assert_eq!(api.endpoint, "unix:///run/spire/agent.sock");
+        assert_eq!(api.spiffe_id.unwrap().as_str(), "spiffe://td/a");
+        for (socket, why) in [
+            ("unix://relative.sock", "absolute path"),
+            ("http://spire", "not a Workload API address"),
+        ] {
+            r.spiffe_socket = Some(socket.into());
+            let e = check(&r).unwrap_err();
+            assert_eq!(e.field, "spiffe_socket");
+            assert!(e.reason.contains(why), "{socket}: {e}");
+        }
+        r.spiffe_socket = Some("unix:///s".into());
+        r.spiffe_id = Some("td/a".into());
+        assert_eq!(check(&r).unwrap_err().field, "spiffe_id");
+        r.spiffe_id = None;
+        r.identity_dir = Some("/ids/a".into());
+        assert!(check(&r).unwrap_err().reason.contains("not both"));
+        r.identity_dir = None;
+        r.spiffe_socket = None;
+        r.spiffe_id = Some("spiffe://td/a".into());
+        assert_eq!(check(&r).unwrap_err().field, "spiffe_id");
     }
 
     #[test]

@@ -118,16 +118,40 @@ impl<S: Source> Store<S> {
     }
 
     fn load_again(&self, digest: Option<[u8; 32]>) {
-        match self.source.load() {
+        if self.push(self.source.load()) {
+            self.digest.store(digest.map(Arc::new));
+        }
+    }
+
+    /// A store whose first value did not come from `source.load()`: the first update of a
+    /// stream (the SPIFFE Workload API), which then [`Store::push`]es the next ones.
+    pub fn with_value(pod: PodName, source: S, value: S::Value) -> Arc<Self> {
+        source.loaded(&pod, &value, None);
+        Arc::new(Self {
+            pod,
+            source,
+            current: ArcSwap::from_pointee(value),
+            digest: arc_swap::ArcSwapOption::empty(),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        })
+    }
+
+    /// Puts a new value in force, or, when it is bad, counts and logs the rejection and
+    /// keeps the one in force: the same for a reload from files and an update a stream
+    /// pushed. Returns whether it was taken.
+    pub fn push(&self, value: Result<S::Value, S::Error>) -> bool {
+        match value {
             Ok(value) => {
                 self.source.loaded(&self.pod, &value, Some(&self.current()));
                 self.current.store(Arc::new(value));
-                self.digest.store(digest.map(Arc::new));
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                true
             }
             Err(e) => {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 error!(pod = %self.pod, kind = S::KIND, error = %e, "{}", S::REJECTED);
+                false
             }
         }
     }

@@ -23,6 +23,7 @@ pub mod jwt;
 mod node;
 pub mod pki;
 pub mod proto;
+pub mod spire;
 mod sys;
 pub mod time;
 

@@ -325,19 +325,7 @@ fn the_metrics_page_parses_and_counts_the_traffic() {
     assert_eq!(code, 0, "{err}");
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .unwrap_or_else(|e| panic!("not Prometheus text: {e}\n{text}"));
-    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum()
-    };
+    let value = |name: &str, labels: &[(&str, &str)]| sum(&scrape, name, labels);
     assert_eq!(
         value(
             "agent_connections_opened_total",

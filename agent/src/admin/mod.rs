@@ -485,10 +485,18 @@ impl Admin {
         json!(pods
             .iter()
             .filter_map(|p| {
-                let id = p.pod.as_ref()?.tls.as_ref()?.store.current();
+                let store = &p.pod.as_ref()?.tls.as_ref()?.store;
+                let id = store.current();
+                let from = match store.source() {
+                    crate::identity::IdentitySource::Files(f) => f.cert.display().to_string(),
+                    crate::identity::IdentitySource::WorkloadApi(w) => w.endpoint.clone(),
+                };
                 Some(json!({
                     "pod": p.name,
                     "spiffe_id": id.spiffe_id.to_string(),
+                    "from": from,
+                    "rotations": store.reloads_ok.load(std::sync::atomic::Ordering::Relaxed),
+                    "rejected": store.reloads_failed.load(std::sync::atomic::Ordering::Relaxed),
                     "serial": id.serial,
                     "issuer": id.issuer,
                     "not_after": id.not_after,

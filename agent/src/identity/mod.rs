@@ -27,8 +27,10 @@ use crate::{
 
 mod cert_facts;
 mod chain_cache;
+pub mod workload_api;
 pub use cert_facts::CertFacts;
 pub use chain_cache::{key as chain_key, ChainCache};
+pub use workload_api::WorkloadApi;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -41,6 +43,8 @@ pub enum IdentityError {
     Invalid { path: PathBuf, reason: String },
     #[error("{key}: the private key does not match the certificate in {cert}")]
     KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("SPIFFE Workload API {endpoint}: {reason}")]
+    WorkloadApi { endpoint: String, reason: String },
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> IdentityError {
@@ -209,16 +213,32 @@ impl Identity {
         let chain = pem::certs(&files.cert, "is this a PEM certificate file?")?;
         let key = pem::key(&files.key)?;
         let anchors = pem::anchors(&files.bundle)?;
-        let spiffe_id = spiffe_id_of(&chain[0]).map_err(|r| invalid(&files.cert, r))?;
-        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0])
-            .map_err(|e| invalid(&files.cert, format!("not a certificate: {e}")))?;
-        let not_after = leaf.validity().not_after.timestamp();
-        let serial = serial_of(&chain[0]);
-        let issuer = leaf.issuer().to_string();
-        let certified = pem::certified(chain, key, &files.cert, &files.key)?;
+        let id = Self::from_parts(chain, key, anchors, &files.cert, &files.key)?;
         pem::warn_if_key_readable(&files.key);
+        Ok(id)
+    }
+
+    /// An identity from its chain, key and trust anchors, however they arrived; `cert` and
+    /// `key` name where they came from in errors.
+    pub fn from_parts(
+        chain: Vec<CertificateDer<'static>>,
+        key: rustls_pki_types::PrivateKeyDer<'static>,
+        anchors: Vec<TrustAnchor<'static>>,
+        cert: &Path,
+        key_path: &Path,
+    ) -> Result<Self, IdentityError> {
+        let first = chain
+            .first()
+            .ok_or_else(|| invalid(cert, "no certificate"))?;
+        let spiffe_id = spiffe_id_of(first).map_err(|r| invalid(cert, r))?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(first)
+            .map_err(|e| invalid(cert, format!("not a certificate: {e}")))?;
+        let not_after = leaf.validity().not_after.timestamp();
+        let serial = serial_of(first);
+        let issuer = leaf.issuer().to_string();
+        let certified = crate::pem::certified(chain, key, cert, key_path)?;
         if not_after <= crate::types::unix_now() {
-            warn!(cert = %files.cert.display(), spiffe_id = %spiffe_id, not_after,
+            warn!(cert = %cert.display(), spiffe_id = %spiffe_id, not_after,
                   "the certificate has expired: peers will reject this pod until it is renewed");
         }
         Ok(Self {
@@ -233,9 +253,14 @@ impl Identity {
     }
 }
 
-/// Where a pod's identity is loaded from (the store keeps it current).
+/// Where a pod's identity comes from (the store keeps it current).
 #[derive(Debug)]
-pub struct IdentitySource(pub IdentityFiles);
+pub enum IdentitySource {
+    /// PEM files, watched and reloaded.
+    Files(IdentityFiles),
+    /// The SPIFFE Workload API, whose stream pushes every new SVID.
+    WorkloadApi(WorkloadApi),
+}
 
 impl Source for IdentitySource {
     type Value = Identity;
@@ -244,11 +269,22 @@ impl Source for IdentitySource {
     const REJECTED: &'static str = "identity reload rejected; the previous identity keeps serving";
 
     fn load(&self) -> Result<Identity, IdentityError> {
-        Identity::load(&self.0)
+        match self {
+            Self::Files(files) => Identity::load(files),
+            // Never asked: the source has no files, so nothing reloads it, and its first
+            // identity is the stream's first update (`workload_api::start`).
+            Self::WorkloadApi(w) => Err(IdentityError::WorkloadApi {
+                endpoint: w.endpoint.clone(),
+                reason: "its identities arrive on the stream; there is nothing to read".into(),
+            }),
+        }
     }
 
     fn files(&self) -> Vec<&Path> {
-        vec![&self.0.cert, &self.0.key, &self.0.bundle]
+        match self {
+            Self::Files(f) => vec![&f.cert, &f.key, &f.bundle],
+            Self::WorkloadApi(_) => Vec::new(),
+        }
     }
 
     fn loaded(&self, pod: &PodName, id: &Identity, previous: Option<&Identity>) {

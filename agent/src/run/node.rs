@@ -32,7 +32,7 @@ use crate::{
     },
     authz::{PolicySource, PolicyStore},
     ebpf::{Attach, Kernel, PodEntry, PodLinks},
-    identity::{IdentitySource, IdentityStore},
+    identity::{workload_api, IdentitySource, IdentityStore},
     netns::{Addresses, Netns},
     proxy::{
         self,
@@ -121,6 +121,8 @@ struct Served {
     addrs: Addresses,
     /// Keep the identity and policy files watched while the pod is served.
     _watchers: Vec<notify::RecommendedWatcher>,
+    /// Keeps following the Workload API's stream while the pod is served.
+    _identity_feed: Option<workload_api::Feed>,
     addr_task: tokio::task::JoinHandle<()>,
     /// Set while a release drains the pod: who is waiting for it to finish.
     releasing: Option<Vec<oneshot::Sender<ControlReply>>>,
@@ -561,23 +563,32 @@ impl Node {
                 .watch()
                 .map_err(|e| failed(format!("cannot watch the policy file: {e}")))?,
         );
-        let tls = match &spec.identity {
-            Some(files) => {
-                let store = IdentityStore::load(name.clone(), IdentitySource(files.clone()))
+        let mut identity_feed = None;
+        let store = match (&spec.identity, &spec.workload_api) {
+            (Some(files), _) => {
+                let store = IdentityStore::load(name.clone(), IdentitySource::Files(files.clone()))
                     .map_err(|e| ControlError::Invalid(format!("identity: {e}")))?;
                 watchers.extend(
                     store
                         .watch()
                         .map_err(|e| failed(format!("cannot watch the identity files: {e}")))?,
                 );
-                Some(PodTls {
-                    server: crate::tls::server_config(store.clone()),
-                    client: crate::tls::client_config(store.clone(), self.expected.clone()),
-                    store,
-                })
+                Some(store)
             }
-            None => None,
+            (None, Some(api)) => {
+                let (store, feed) = workload_api::start(name.clone(), api.clone())
+                    .await
+                    .map_err(|e| ControlError::Invalid(format!("identity: {e}")))?;
+                identity_feed = Some(feed);
+                Some(store)
+            }
+            (None, None) => None,
         };
+        let tls = store.map(|store| PodTls {
+            server: crate::tls::server_config(store.clone()),
+            client: crate::tls::client_config(store.clone(), self.expected.clone()),
+            store,
+        });
         let mut edge = Vec::new();
         for (i, e) in spec.edge.iter().enumerate() {
             let store = EdgeStore::load(name.clone(), EdgeSource(e.files.clone()))
@@ -768,6 +779,7 @@ impl Node {
             netns_ident,
             addrs: claimed,
             _watchers: watchers,
+            _identity_feed: identity_feed,
             addr_task,
             releasing: None,
             listeners: dups,

@@ -66,6 +66,11 @@ pub fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let scrape = prometheus_parse::Scrape::parse(out.stdout.lines().map(|l| Ok(l.to_string())))
         .unwrap_or_else(|e| panic!("not Prometheus text: {e}"));
+    sum(&scrape, name, labels)
+}
+
+/// The sum of one metric's samples in `scrape` whose labels include `labels`.
+pub fn sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     scrape
         .samples
         .iter()
