@@ -186,14 +186,21 @@ fn a_pods_limits_refuse_one_source_and_serve_another() {
     assert_eq!((held.ok, held.failed), (5, 15), "{:?}", held.errors);
 
     // Once a's bucket is full again (10), 30 connections one after another: the burst
-    // and what the rate adds while they run are served, the rest refused.
+    // and what the rate adds while they run are served (however long that is on this
+    // machine), the rest refused.
     std::thread::sleep(Duration::from_millis(1100));
+    let start = std::time::Instant::now();
     let r = a.client(to, &["--count", "30"]);
+    let most = (10.0 + 10.0 * start.elapsed().as_secs_f64()).ceil() as u64 + 1;
     assert!(
-        (10..=20).contains(&r.ok),
-        "{} of 30 served at 10/s, burst 10",
-        r.ok
+        (10..=most.min(30)).contains(&r.ok),
+        "{} of 30 served in {:?} at 10/s, burst 10",
+        r.ok,
+        start.elapsed()
     );
+    if most < 30 {
+        assert!(r.ok < 30, "none refused");
+    }
     wait_limited(&agent, "connections", (30 - r.ok) as f64);
 
     // On the HTTP port: too many header fields is a 431, a long body a 413; neither
