@@ -157,7 +157,8 @@ struct Entry {
     /// Nanoseconds since the limiter's epoch at which the bucket is full again plus one
     /// emission interval (GCRA's theoretical arrival time).
     tat: u64,
-    live: Arc<AtomicU32>,
+    /// Admissions held now (only for limits with `concurrent`).
+    live: Option<Arc<AtomicU32>>,
 }
 
 const SHARDS: usize = 16;
@@ -243,19 +244,26 @@ impl Limiter {
         // The high bits pick the shard; the map hashes the whole key again.
         let shard = &self.shards[(key >> 60) as usize % SHARDS];
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if map.peek(&key).is_none() {
-            let fresh = Entry {
-                tat: 0,
-                live: Arc::new(AtomicU32::new(0)),
-            };
-            if map.push(key, fresh).is_some_and(|(old, _)| old != key) {
-                self.evicted.fetch_add(1, Ordering::Relaxed);
-            }
+        // A caller seen before (the common case) costs one lookup.
+        if let Some(entry) = map.get_mut(&key) {
+            return self.take(entry, now);
         }
-        let entry = map.get_mut(&key).expect("inserted above");
-        if let Some(max) = self.spec.concurrent {
+        let fresh = Entry {
+            tat: 0,
+            // A counter only where the limit caps what a key holds.
+            live: self.spec.concurrent.map(|_| Arc::new(AtomicU32::new(0))),
+        };
+        if map.push(key, fresh).is_some() {
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        self.take(map.get_mut(&key).expect("inserted above"), now)
+    }
+
+    /// Takes a token (and a slot) from `entry`, or says why not.
+    fn take(&self, entry: &mut Entry, now: u64) -> Result<Held, Limited> {
+        if let (Some(max), Some(live)) = (self.spec.concurrent, &entry.live) {
             // Refused for holding too many: no token is taken.
-            if entry.live.load(Ordering::Relaxed) >= max {
+            if live.load(Ordering::Relaxed) >= max {
                 return Err(Limited::Concurrent);
             }
         }
@@ -268,11 +276,10 @@ impl Limiter {
             }
             entry.tat = next;
         }
-        if self.spec.concurrent.is_none() {
-            return Ok(Held(None));
-        }
-        entry.live.fetch_add(1, Ordering::Relaxed);
-        Ok(Held(Some(entry.live.clone())))
+        Ok(Held(entry.live.as_ref().map(|live| {
+            live.fetch_add(1, Ordering::Relaxed);
+            live.clone()
+        })))
     }
 
     /// How many keys are remembered now.

@@ -7,7 +7,7 @@ mod common;
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::*;
@@ -27,21 +27,21 @@ fn shed(agent: &Agent, pod: &str, reason: &str) -> f64 {
 /// Waits until the agent holds `live` connections and has shed `shed_count` of `pod`'s
 /// for `reason`: a fixed sleep raced the client's start on a slow machine.
 fn wait_for_load(agent: &Agent, pod: &str, reason: &str, live: f64, shed_count: f64) {
-    let deadline = Instant::now() + simnode::time::scaled(Duration::from_secs(10));
-    loop {
-        let (now_live, now_shed) = (
-            metric(agent, "agent_connections_active", &[]),
-            shed(agent, pod, reason),
-        );
-        if (now_live, now_shed) == (live, shed_count) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pod}: {now_live} live and {now_shed} shed ({reason}), not {live} and {shed_count}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let now = settle(
+        Duration::from_secs(10),
+        || {
+            (
+                metric(agent, "agent_connections_active", &[]),
+                shed(agent, pod, reason),
+            )
+        },
+        |v| *v == (live, shed_count),
+    );
+    assert_eq!(
+        now,
+        (live, shed_count),
+        "{pod}: (live, shed for {reason}) is not what was expected"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use agent::{ratelimit::KeyClass, spec::LimitsRequest};
 use common::*;
-use simnode::{app::client_result, pki::DevCa, time::scaled, Agent, AgentConfig};
+use simnode::{app::client_result, pki::DevCa, Agent, AgentConfig};
 
 const TD: &str = "spiffe://td.test/ns/default/sa";
 
@@ -145,15 +145,12 @@ fn limits() -> LimitsRequest {
 /// Waits for `agent_rate_limited_total` of pod b's own limit of `kind` to reach `n`.
 fn wait_limited(agent: &Agent, kind: &str, n: f64) {
     let labels = [("pod", "b"), ("scope", "pod"), ("kind", kind)];
-    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(10));
-    while metric(agent, "agent_rate_limited_total", &labels) < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{kind}: {} refused, not {n}",
-            metric(agent, "agent_rate_limited_total", &labels)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let refused = settle(
+        Duration::from_secs(10),
+        || metric(agent, "agent_rate_limited_total", &labels),
+        |v| *v >= n,
+    );
+    assert!(refused >= n, "{kind}: {refused} refused, not {n}");
 }
 
 #[test]

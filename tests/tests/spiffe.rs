@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use simnode::{
-    app::client_result, pki::DevCa, spire::FakeSpire, time::scaled, Agent, AgentConfig, Enrol,
-};
+use simnode::{app::client_result, pki::DevCa, spire::FakeSpire, Agent, AgentConfig, Enrol};
 
 const TD: &str = "spiffe://td.test/ns/default/sa";
 
@@ -29,20 +27,18 @@ fn cert_of(agent: &Agent, pod: &str) -> Value {
 
 /// Waits until pod `s` presents the certificate with `serial`.
 fn wait_serial(agent: &Agent, serial: &str) -> Value {
-    let deadline = Instant::now() + scaled(Duration::from_secs(15));
-    loop {
-        let c = cert_of(agent, "s");
-        if c["serial"] == serial {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "s still presents {}, not {serial}; log:\n{}",
-            c["serial"],
-            agent.tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let c = settle(
+        Duration::from_secs(15),
+        || cert_of(agent, "s"),
+        |c| c["serial"] == serial,
+    );
+    assert_eq!(
+        c["serial"],
+        serial,
+        "s presents another; log:\n{}",
+        agent.tail(30)
+    );
+    c
 }
 
 /// The serials of `s` that c's outbound connections to it verified, oldest first.
@@ -90,11 +86,12 @@ fn an_svid_from_the_workload_api_rotates_mid_traffic_without_a_failed_connection
 
     // 300 mutual TLS connections, 3 at a time; the SVID rotates when a third are done.
     let load = c.client_spawn(to, &["--count", "300", "--concurrency", "3"]);
-    let deadline = Instant::now() + scaled(Duration::from_secs(30));
-    while serials_seen(&agent, to).len() < 100 {
-        assert!(Instant::now() < deadline, "the load did not get going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let going = settle(
+        Duration::from_secs(30),
+        || serials_seen(&agent, to).len(),
+        |n| *n >= 100,
+    );
+    assert!(going >= 100, "the load did not get going");
     spire.publish(&[(&id, &v2)]);
     let rotated = wait_serial(&agent, &v2.serial());
     assert_eq!(rotated["rotations"], 1, "{rotated}");
@@ -107,11 +104,7 @@ fn an_svid_from_the_workload_api_rotates_mid_traffic_without_a_failed_connection
     );
     // Every connection's record is written when it closes, a moment after the client saw
     // it end.
-    let deadline = Instant::now() + WAIT;
-    while serials_seen(&agent, to).len() < 300 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let seen = serials_seen(&agent, to);
+    let seen = settle(WAIT, || serials_seen(&agent, to), |s| s.len() >= 300);
     assert_eq!(seen.len(), 300, "records of the load");
     assert!(
         seen.contains(&v1.serial()) && seen.contains(&v2.serial()),
@@ -120,11 +113,8 @@ fn an_svid_from_the_workload_api_rotates_mid_traffic_without_a_failed_connection
     // Every handshake after the rotation presents the new SVID.
     let before = seen.len();
     assert_eq!(c.client(to, &["--count", "5"]).ok, 5);
-    let deadline = Instant::now() + WAIT;
-    while serials_seen(&agent, to).len() < before + 5 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let after = &serials_seen(&agent, to)[before..];
+    let all = settle(WAIT, || serials_seen(&agent, to), |s| s.len() >= before + 5);
+    let after = &all[before..];
     assert_eq!(
         after,
         vec![v2.serial(); 5],

@@ -60,6 +60,20 @@ pub fn records_to(agent: &Agent, dst: SocketAddr) -> usize {
         .count()
 }
 
+/// Probes every 20 ms until `done` holds or `timeout` (scaled for slow machines) passes,
+/// and returns the last value seen: the caller asserts on it, so a timeout fails with
+/// what the state was.
+pub fn settle<T>(timeout: Duration, mut probe: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = std::time::Instant::now() + simnode::time::scaled(timeout);
+    loop {
+        let v = probe();
+        if done(&v) || std::time::Instant::now() >= deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The sum of one metric's samples whose labels include `labels`, from `agent metrics`.
 pub fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
     let out = agent.cli(&["metrics"]);
